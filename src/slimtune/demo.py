@@ -1,0 +1,69 @@
+"""`make demo`: the main job on the default model, printed as one table.
+
+Loads SmolLM2-135M (converting its GGUF once), measures perplexity and forward speed on the PTB
+and Austen test splits (first 40 × 512 tokens of each), inspects the singular-value spectra of its
+210 projection weights (writing ``out/demo/spectra.png``), and prints a summary table. Later
+capabilities (compression, adaptation) add their rows here.
+
+    python -m slimtune.demo [--max-tokens 20480] [--seqlen 512] [--out out/demo]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from slimtune.analyze.spectra import layer_spectra, plot_spectra
+from slimtune.data import load_text
+from slimtune.evaluate import parameter_count, peak_rss_mb, perplexity, tokenize_text
+from slimtune.models import load_model
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--max-tokens", type=int, default=40 * 512)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--out", type=Path, default=Path("out/demo"))
+    args = ap.parse_args(argv)
+    console = Console()
+
+    start = time.perf_counter()
+    model, tok = load_model(args.model)
+    load_s = time.perf_counter() - start
+    console.print(f"loaded {args.model}: {parameter_count(model):,} parameters in {load_s:.1f} s")
+
+    rows = layer_spectra(model)
+    png = plot_spectra(rows, args.out / "spectra.png", title=f"{args.model} singular values")
+
+    table = Table(title=f"slimtune demo: {args.model} (perplexity: first {args.max_tokens} tokens, "
+                        f"seqlen {args.seqlen}; spectra: median over layers, plot {png})")
+    columns = ("what", "data / shape", "perplexity", "tokens/s", "stable rank", "effective rank",
+               "energy r=8/32/128")
+    for col in columns:
+        table.add_column(col, justify="left" if col in columns[:2] else "right")
+    for data in ("ptb", "austen"):
+        ids = tokenize_text(tok, load_text(data, "test"))
+        res = perplexity(model, ids, seqlen=args.seqlen, max_tokens=args.max_tokens)
+        table.add_row("dense model", f"{data} test ({res['tokens']:,} scored)",
+                      f"{res['perplexity']:.2f}", f"{res['tokens_per_s']:.0f}", "-", "-", "-")
+    table.add_section()
+    by_type: dict[str, list[dict]] = {}
+    for row in rows:
+        by_type.setdefault(row["type"], []).append(row)
+    for layer_type, group in by_type.items():
+        med = {k: statistics.median(r[k] for r in group)
+               for k in ("stable_rank", "effective_rank", "energy_r8", "energy_r32", "energy_r128")}
+        table.add_row(f"{layer_type} ×{len(group)}", "×".join(map(str, group[0]["shape"])), "-", "-",
+                      f"{med['stable_rank']:.1f}", f"{med['effective_rank']:.0f}",
+                      f"{med['energy_r8']:.2f} / {med['energy_r32']:.2f} / {med['energy_r128']:.2f}")
+    console.print(table)
+    console.print(f"total {time.perf_counter() - start:.0f} s, peak RSS {peak_rss_mb():.0f} MB")
+
+
+if __name__ == "__main__":
+    main()

