@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--out", type=Path, default=Path("out/demo"))
     args = ap.parse_args(argv)
-    console = Console()
+    console = Console(width=None if Console().is_terminal else 130)
 
     start = time.perf_counter()
     model, tok = load_model(args.model)
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     for layer_type, group in by_type.items():
         med = {k: statistics.median(r[k] for r in group)
                for k in ("stable_rank", "effective_rank", "energy_r8", "energy_r32", "energy_r128")}
-        table.add_row(f"{layer_type} ×{len(group)}", "×".join(map(str, group[0]["shape"])), "-", "-",
+        table.add_row(f"{layer_type.rsplit('.', 1)[-1]} ×{len(group)}", "×".join(map(str, group[0]["shape"])), "-", "-",
                       f"{med['stable_rank']:.1f}", f"{med['effective_rank']:.0f}",
                       f"{med['energy_r8']:.2f} / {med['energy_r32']:.2f} / {med['energy_r128']:.2f}")
     console.print(table)

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slimtune.progress import progress_bar
+
 
 def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     """Token ids of ``text`` tokenized in one call, as a 1-D LongTensor.
@@ -41,19 +43,6 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     """
     ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
-
-
-def progress_bar(total: int, description: str, enabled: bool):
-    """A rich progress bar on stderr (so stdout stays clean for ``--json``); silent if disabled."""
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn(),
-                   console=Console(stderr=True), transient=True, disable=not enabled)
-    task = bar.add_task(description, total=total)
-    return bar, task
 
 
 def _model_device(model: nn.Module) -> torch.device:

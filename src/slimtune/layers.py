@@ -274,8 +274,11 @@ def output_layer_names(model: nn.Module) -> set[str]:
     return names
 
 
-def match_targets(model: nn.Module, targets: Targets) -> list[str]:
+def match_targets(model: nn.Module, targets: Targets, include_factored: bool = False) -> list[str]:
     """Names of the ``nn.Linear`` modules selected by ``targets``, in model order.
+
+    ``FactoredLinear`` layers are selected too when ``include_factored`` (for analysis), never
+    for wrapping.
 
     - ``"all-linear"``: every linear except the LM head.
     - a list of names: a module matches a name if its full name equals it or ends with
@@ -285,8 +288,8 @@ def match_targets(model: nn.Module, targets: Targets) -> list[str]:
     Embeddings are never selected (they are not ``nn.Linear``).
     """
     head = output_layer_names(model)
-    linears = [(n, m) for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not isinstance(m, FactoredLinear)]
+    kinds = (nn.Linear, FactoredLinear) if include_factored else (nn.Linear,)
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
     if isinstance(targets, str):
         if targets == "all-linear":
             return [n for n, _ in linears if n not in head]

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimtune.layers import FactoredLinear, Targets, match_targets, output_layer_names
+from slimtune.layers import FactoredLinear, Targets, match_targets
+from slimtune.progress import progress_bar
 from slimtune.weights.svd import effective_rank, energy_kept, stable_rank
 
 ENERGY_RANKS = (8, 32, 128)
@@ -36,18 +37,6 @@ def layer_type_and_depth(name: str) -> tuple[str, int | None]:
         return name, None
     last = matches[-1]
     return name[last.end():], int(last.group(1))
-
-
-def _selected_factored(model: nn.Module, targets: Targets) -> list[str]:
-    """Factored layers selected by ``targets`` with the same rules as ``match_targets``."""
-    head = output_layer_names(model)
-    names = [n for n, m in model.named_modules() if isinstance(m, FactoredLinear)]
-    if targets == "all-linear":
-        return [n for n in names if n not in head]
-    if isinstance(targets, str):
-        return [n for n in names if re.fullmatch(targets, n)]
-    wanted = list(targets)
-    return [n for n in names if n in wanted or (n not in head and any(n.endswith("." + t) for t in wanted))]
 
 
 def _weight(module: nn.Module) -> torch.Tensor:
@@ -64,9 +53,7 @@ def layer_spectra(model: nn.Module, targets: Targets = "all-linear", progress: b
     of squared Frobenius norm kept by the best rank-r approximation). Raises ``ValueError`` when
     nothing is selected.
     """
-    from slimtune.evaluate import progress_bar
-
-    selected = set(match_targets(model, targets)) | set(_selected_factored(model, targets))
+    selected = set(match_targets(model, targets, include_factored=True))
     modules = [(n, m) for n, m in model.named_modules() if n in selected]
     if not modules:
         raise ValueError(f"targets {targets!r} match no linear layer in {type(model).__name__}")
