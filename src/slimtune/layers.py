@@ -71,11 +71,16 @@ class LowRank(nn.Module):
     def core_kind(self) -> str:
         return "none" if self.core is None else ("diag" if self.core.dim() == 1 else "full")
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """s·(x·Aᵀ·Kᵀ)·Bᵀ, added to ``residual`` in the same kernel (addmm) when given."""
         h = F.linear(x, self.A)
         if self.core is not None:
             h = h * self.core if self.core.dim() == 1 else F.linear(h, self.core)
-        return F.linear(h, self.B) * self.scale
+        if residual is None:
+            return F.linear(h, self.B) * self.scale
+        out = torch.addmm(residual.reshape(-1, residual.shape[-1]), h.reshape(-1, h.shape[-1]),
+                          self.B.mT, alpha=self.scale)
+        return out.view(residual.shape)
 
     def delta_weight(self) -> Tensor:
         B = self.B
@@ -103,8 +108,9 @@ class SparseDelta(nn.Module):
         flat = self.values.new_zeros(self.shape[0] * self.shape[1])
         return flat.index_add(0, self.indices, self.values).view(self.shape)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.delta_weight())
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        out = F.linear(x, self.delta_weight())
+        return out if residual is None else residual + out
 
 
 class FactoredLinear(nn.Module):
@@ -163,7 +169,7 @@ class FactoredLinear(nn.Module):
                 out = self.base(h) if self.mask is None else F.linear(h, self.base_weight())
             for part in (self.lowrank, self.sparse):
                 if part is not None:
-                    out = part(h) if out is None else out + part(h)
+                    out = part(h, out)
         if self.bias is not None:
             out = out + self.bias
         return out if out.dtype == x.dtype else out.to(x.dtype)
