@@ -36,16 +36,12 @@ def fail(message: str) -> None:
 
 
 def check_model(name: str) -> None:
-    from slimtune.models import MODEL_NAMES
+    from slimtune.models import ModelNotFoundError, check_model_name
 
-    if name in MODEL_NAMES:
-        return
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            fail(f"{path} has no config.json: not a Hugging Face model directory")
-        return
-    fail(f"unknown model {name!r}: use one of {', '.join(MODEL_NAMES)} or a local model directory")
+    try:
+        check_model_name(name)
+    except ModelNotFoundError as err:
+        fail(str(err))
 
 
 def check_data(data: str, split: str) -> Optional[Path]:

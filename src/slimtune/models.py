@@ -93,20 +93,32 @@ def convert_smollm2(out: Path | None = None) -> Path:
     return out
 
 
+def check_model_name(name_or_path: str | os.PathLike) -> None:
+    """Raise ``ModelNotFoundError`` unless this is a registered name or a model directory.
+
+    Cheap (no loading): commands call it before any expensive work.
+    """
+    name = str(name_or_path)
+    if name in MODEL_NAMES:
+        return
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+        return
+    raise ModelNotFoundError(
+        f"unknown model {name!r}: use one of {', '.join(MODEL_NAMES)} or a local model directory")
+
+
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
     """Map a registered name or a path to a local Hugging Face model directory."""
+    check_model_name(name_or_path)
     name = str(name_or_path)
     if name == "smollm2-135m":
         return convert_smollm2()
     if name == "minilm-l6":
         return minilm_dir()
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
-        return path
-    raise ModelNotFoundError(
-        f"unknown model {name!r}: use one of {', '.join(MODEL_NAMES)} or a local model directory")
+    return Path(name).expanduser()
 
 
 def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float32):
