@@ -125,10 +125,12 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
     """Return ``(model, tokenizer)`` in eval mode on the CPU.
 
     Causal LMs load as ``AutoModelForCausalLM``; encoders (MiniLM) as ``AutoModel``. Directories
-    written by ``slimtune compress`` (which carry ``slimtune.json``) are rebuilt with their factored
-    layers. A corrupt weight file raises ``ModelNotFoundError`` naming the file and the fix.
+    written by :func:`slimtune.checkpoint.save_model` (which carry ``slimtune.json``) are rebuilt
+    with their factored layers. A corrupt weight file raises ``ModelNotFoundError`` naming the file and the fix.
     """
     from safetensors import SafetensorError
+
+    from slimtune.checkpoint import is_factored_checkpoint, load_factored
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_dir(name_or_path)
@@ -136,7 +138,10 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
         config = AutoConfig.from_pretrained(path)
         is_lm = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
         cls = AutoModelForCausalLM if is_lm else AutoModel
-        model = cls.from_pretrained(path, dtype=dtype)
+        if is_factored_checkpoint(path):
+            model = load_factored(path, cls, dtype=dtype)
+        else:
+            model = cls.from_pretrained(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, RuntimeError, json.JSONDecodeError, SafetensorError) as err:
         hint = ("delete it and rerun to convert again" if str(path).startswith(str(cache_root()))

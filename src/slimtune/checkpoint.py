@@ -1,0 +1,123 @@
+"""Saving and reloading models whose linears are ``FactoredLinear`` layers.
+
+A saved directory is an ordinary Hugging Face model directory (``config.json``, safetensors
+weights, tokenizer files) plus ``slimtune.json``: ``{"format": 1, "layers": {name:
+FactoredLinear.describe()}, ...metadata}``. Reloading builds the architecture from ``config.json``,
+puts an empty ``FactoredLinear`` of the recorded structure at every recorded name, then loads the
+weights strictly (only tied parameters may be absent from the file). With ``merge=True`` every
+factored layer is turned into a plain ``nn.Linear`` first and no ``slimtune.json`` is written, so
+any Hugging Face tool reads the result.
+
+Writes are atomic: everything goes to a temporary directory beside ``out`` that is renamed into
+place at the end; an interrupted save leaves no half-written ``out``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimtune.layers import FactoredLinear, factored_layers
+
+FORMAT = 1
+MANIFEST = "slimtune.json"
+
+
+def _swap_in(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not overwrite:
+            raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def merge_factored(model: nn.Module) -> int:
+    """Replace every ``FactoredLinear`` in ``model`` by its dense ``nn.Linear``; returns the count."""
+    layers = factored_layers(model)
+    for name, layer in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, layer.to_dense())
+    return len(layers)
+
+
+def save_model(model: nn.Module, tokenizer, out: str | os.PathLike, metadata: dict | None = None,
+               merge: bool = False, overwrite: bool = False) -> Path:
+    """Write ``model`` (and ``tokenizer``) to ``out`` atomically; see the module docstring.
+
+    ``merge=True`` replaces the factored layers of ``model`` itself by dense linears before saving.
+    An existing ``out`` raises ``FileExistsError`` unless ``overwrite``.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o755)
+    try:
+        if merge:
+            merge_factored(model)
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        layers = factored_layers(model)
+        if layers:
+            manifest = {"format": FORMAT, **(metadata or {}),
+                        "layers": {name: layer.describe() for name, layer in layers.items()}}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        elif metadata:
+            (tmp / "slimtune-metadata.json").write_text(json.dumps(metadata, indent=1))
+        _swap_in(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def is_factored_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def load_factored(path: str | os.PathLike, model_cls, dtype: torch.dtype = torch.float32):
+    """Rebuild a model saved by :func:`save_model` (without ``merge``) from ``path``."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    path = Path(path)
+    manifest = json.loads((path / MANIFEST).read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path / MANIFEST}: unsupported format {manifest.get('format')!r}")
+    config = AutoConfig.from_pretrained(path)
+    model = model_cls.from_config(config, dtype=dtype)
+    for name, description in manifest["layers"].items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, FactoredLinear.from_description(description, dtype=dtype))
+    state = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = _tied_parameter_names(model)
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not match slimtune.json (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+    model.tie_weights()
+    return model.eval()
+
+
+def _tied_parameter_names(model: nn.Module) -> set[str]:
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    head = model.get_output_embeddings()
+    names = {f"{n}.weight" for n, m in model.named_modules() if m is head}
+    return names
