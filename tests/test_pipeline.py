@@ -249,3 +249,26 @@ def test_bad_steps_raise_before_work(smollm2):
         run_pipeline(model, windows, [Identity(), Identity("q_proj[")], progress=False)
     with pytest.raises(ValueError, match="step 0.*unknown needs"):
         run_pipeline(model, windows, [Identity(needs=("hessian",))], progress=False)
+
+
+class RecordObjects:
+    """Keeps the statistics object each layer receives (to check sharing)."""
+
+    def __init__(self, targets):
+        self.targets, self.needs, self.objects = targets, frozenset({"gram"}), {}
+
+    def apply(self, name, layer, stats: LayerStats):
+        self.objects[name] = stats.inputs
+        return layer
+
+
+def test_layers_fed_the_same_tensor_share_one_statistics_object(smollm2, lm_windows):
+    model = copy.deepcopy(smollm2[0])
+    step = RecordObjects(r"model\.layers\.(0|7)\..*")
+    run_pipeline(model, lm_windows, [step], batch_size=3, progress=False)
+    for i in (0, 7):
+        o = {k.rsplit(".", 1)[1]: v for k, v in step.objects.items() if f".{i}." in k}
+        assert o["q_proj"] is o["k_proj"] is o["v_proj"]
+        assert o["gate_proj"] is o["up_proj"]
+        assert len({id(v) for v in o.values()}) == 4  # qkv, o, gate/up, down
+        assert o["q_proj"].n_tokens == o["down_proj"].n_tokens == lm_windows.numel()

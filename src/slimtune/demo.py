@@ -1,9 +1,11 @@
 """`make demo`: the main job on the default model, printed as one table.
 
-Loads SmolLM2-135M (converting its GGUF once), measures perplexity and forward speed on the PTB
-and Austen test splits (first 40 × 512 tokens of each), inspects the singular-value spectra of its
-210 projection weights (writing ``out/demo/spectra.png``), and prints a summary table. Later
-capabilities (compression, adaptation) add their rows here.
+Loads SmolLM2-135M (converting its GGUF once), inspects the singular-value spectra of its 210
+projection weights (writing ``out/demo/spectra.png``), measures perplexity and forward speed on the
+PTB and Austen test splits (first 40 × 512 tokens of each), compresses it with
+``recipes/svd_llm.yaml`` (SVD-LLM, 80% of the projection parameters kept, 16 × 512 PTB-train
+calibration windows) and measures again, then prints one table. Later capabilities (adaptation)
+add their rows here.
 
     python -m slimtune.demo [--max-tokens 20480] [--seqlen 512] [--out out/demo]
 """
@@ -21,6 +23,10 @@ from slimtune.analyze.spectra import layer_spectra, plot_spectra
 from slimtune.data import load_text
 from slimtune.evaluate import parameter_count, peak_rss_mb, perplexity, tokenize_text
 from slimtune.models import load_model
+from slimtune.pipeline import calibration_windows, run_pipeline
+from slimtune.recipe import build_steps, load_recipe
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "svd_llm.yaml"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,9 +35,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-tokens", type=int, default=40 * 512)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--out", type=Path, default=Path("out/demo"))
+    ap.add_argument("--recipe", type=Path, default=RECIPE,
+                    help="compression recipe for the compressed rows (default: svd_llm, 80%% kept)")
+    ap.add_argument("--calib-n", type=int, default=16, help="calibration windows of 512 tokens")
     args = ap.parse_args(argv)
     console = Console(width=None if Console().is_terminal else 130)
 
+    configs = load_recipe(args.recipe)  # validated before anything heavy
     start = time.perf_counter()
     model, tok = load_model(args.model)
     load_s = time.perf_counter() - start
@@ -46,11 +56,21 @@ def main(argv: list[str] | None = None) -> None:
                "energy r=8/32/128")
     for col in columns:
         table.add_column(col, justify="left" if col in columns[:2] else "right")
-    for data in ("ptb", "austen"):
-        ids = tokenize_text(tok, load_text(data, "test"))
-        res = perplexity(model, ids, seqlen=args.seqlen, max_tokens=args.max_tokens)
-        table.add_row("dense model", f"{data} test ({res['tokens']:,} scored)",
-                      f"{res['perplexity']:.2f}", f"{res['tokens_per_s']:.0f}", "-", "-", "-")
+    test_ids = {data: tokenize_text(tok, load_text(data, "test")) for data in ("ptb", "austen")}
+
+    def add_perplexity_rows(label: str) -> None:
+        for data, ids in test_ids.items():
+            res = perplexity(model, ids, seqlen=args.seqlen, max_tokens=args.max_tokens)
+            table.add_row(label, f"{data} test ({res['tokens']:,} scored)",
+                          f"{res['perplexity']:.2f}", f"{res['tokens_per_s']:.0f}", "-", "-", "-")
+
+    add_perplexity_rows(f"dense ({parameter_count(model) / 1e6:.1f}M)")
+    windows = calibration_windows(tok, "ptb", "train", n=args.calib_n, seqlen=512, seed=0)
+    t = time.perf_counter()
+    run_pipeline(model, windows, build_steps(configs))
+    console.print(f"compressed with {args.recipe} on {args.calib_n}×512 PTB-train windows in "
+                  f"{time.perf_counter() - t:.0f} s")
+    add_perplexity_rows(f"{args.recipe.stem} ({parameter_count(model) / 1e6:.1f}M)")
     table.add_section()
     by_type: dict[str, list[dict]] = {}
     for row in rows:

@@ -193,13 +193,26 @@ class _Catcher(nn.Module):
         raise _Stop
 
 
-def _update(stats: dict, name: str, track_gram: bool, module, args) -> None:
-    """Forward pre-hook: add the inputs to ``stats[name]`` in chunks (bounds the float64 copies)."""
-    x = args[0].reshape(-1, args[0].shape[-1])
+def _update(stats: dict, seen: dict, name: str, track_gram: bool, module, args) -> None:
+    """Forward pre-hook: add the inputs to ``stats[name]`` in chunks (bounds the float64 copies).
+
+    Linears fed the very same tensor in one block call (q/k/v, gate/up) share one statistics
+    object: ``seen`` maps the tensors met since the batch started to their statistics.
+    """
+    x = args[0]
+    key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
+    if key in seen:  # ``seen`` holds each tensor, so its address cannot be reused in the batch
+        shared = seen[key][1]
+        if stats.setdefault(name, shared) is not shared:
+            raise RuntimeError(f"{name}: its input was shared with another layer in one batch "
+                               "but not in an earlier one")
+        return
+    flat = x.reshape(-1, x.shape[-1])
     if name not in stats:
-        stats[name] = InputStatistics(x.shape[-1], torch.float64, x.device, track_gram)
-    for chunk in x.split(STATS_CHUNK):
+        stats[name] = InputStatistics(flat.shape[-1], torch.float64, flat.device, track_gram)
+    for chunk in flat.split(STATS_CHUNK):
         stats[name].update(chunk)
+    seen[key] = (x, stats[name])
 
 
 class _Walker:
@@ -235,16 +248,21 @@ class _Walker:
         self.outs = torch.empty_like(self.inps)
 
     def run(self, i: int, what: str, hooks: dict | None = None, keep: bool = False) -> dict:
-        """Run block i over all windows with ``hooks`` ({name: track_gram}); outputs to ``outs``."""
-        block, stats, handles = self.blocks[i], {}, []
-        for name, track_gram in (hooks or {}).items():
-            hook = partial(_update, stats, name, track_gram)
+        """Run block i over all windows with ``hooks`` ({name: track_gram}); outputs to ``outs``.
+
+        If any hooked layer needs the Gram matrix, every statistics object of this run tracks it.
+        """
+        block, stats, seen, handles = self.blocks[i], {}, {}, []
+        track_gram = any((hooks or {}).values())  # shared statistics must serve every sharer
+        for name in hooks or {}:
+            hook = partial(_update, stats, seen, name, track_gram)
             handles.append(self.model.get_submodule(name).register_forward_pre_hook(hook))
         dtype = next(block.parameters()).dtype
         self.bar.reset(self.task, total=len(self.inps), description=f"block {i}: {what}")
         try:
             for s in range(0, len(self.inps), self.bs):
                 h = self.inps[s:s + self.bs]
+                seen.clear()
                 positional, extra, kwargs = self.calls[len(h)]
                 h = h.to(dtype)
                 out = block(h, *extra, **kwargs) if positional else block(hidden_states=h, **kwargs)
