@@ -37,13 +37,13 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from slimtune.block_runner import BlockRunner
 from slimtune.evaluate import _model_device, peak_rss_mb, tokenize_text
 from slimtune.layers import FactoredLinear, Targets, match_targets
 from slimtune.progress import progress_bar
 from slimtune.weights.stats import FisherDiagonal, InputStatistics
 
 NEEDS = frozenset({"gram", "mean_abs", "fisher"})
-STATS_CHUNK = 1024  # tokens per InputStatistics.update (its float64 copies are chunk × in)
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -171,113 +171,6 @@ def fisher_diagonals(model: nn.Module, windows: torch.Tensor, names, batch_size:
     return {n: (a := acc.pop(n)).sq_grad_sum.div_(a.count) for n in list(acc)}
 
 
-class _Stop(Exception):
-    pass
-
-
-class _Catcher(nn.Module):
-    """Stands in for block 0: stores its inputs, then stops the forward."""
-
-    def __init__(self, inner: nn.Module, store):
-        super().__init__()
-        self.inner, self.store = inner, store
-
-    def __getattr__(self, name):  # models may read block attributes (e.g. attention_type)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
-
-    def forward(self, *args, **kwargs):
-        self.store(*args, **kwargs)
-        raise _Stop
-
-
-def _update(stats: dict, seen: dict, name: str, track_gram: bool, module, args) -> None:
-    """Forward pre-hook: add the inputs to ``stats[name]`` in chunks (bounds the float64 copies).
-
-    Linears fed the very same tensor in one block call (q/k/v, gate/up) share one statistics
-    object: ``seen`` maps the tensors met since the batch started to their statistics.
-    """
-    x = args[0]
-    key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
-    if key in seen:  # ``seen`` holds each tensor, so its address cannot be reused in the batch
-        shared = seen[key][1]
-        if stats.setdefault(name, shared) is not shared:
-            raise RuntimeError(f"{name}: its input was shared with another layer in one batch "
-                               "but not in an earlier one")
-        return
-    flat = x.reshape(-1, x.shape[-1])
-    if name not in stats:
-        stats[name] = InputStatistics(flat.shape[-1], torch.float64, flat.device, track_gram)
-    for chunk in flat.split(STATS_CHUNK):
-        stats[name].update(chunk)
-    seen[key] = (x, stats[name])
-
-
-class _Walker:
-    """Runs the blocks of one model on buffered hidden states, batch by batch."""
-
-    def __init__(self, model, blocks, windows, batch_size, bar, batch_task):
-        self.model, self.blocks, self.bs = model, blocks, batch_size
-        self.windows, self.bar, self.task = windows, bar, batch_task
-        self.calls, self.inps, self.outs = {}, None, None
-
-    def capture(self) -> None:
-        n, T = self.windows.shape
-        pos = [0]
-
-        def store(*args, **kwargs):
-            h = args[0] if args else kwargs.pop("hidden_states")
-            if self.inps is None:
-                self.inps = torch.empty(n, T, h.shape[-1], dtype=torch.float32, device=h.device)
-            self.inps[pos[0]:pos[0] + len(h)] = h
-            pos[0] += len(h)
-            self.calls.setdefault(len(h), (bool(args), args[1:], kwargs))
-
-        self.calls, self.inps, self.outs = {}, None, None
-        self.blocks[0] = _Catcher(self.blocks[0], store)
-        try:
-            for s in range(0, n, self.bs):
-                try:
-                    self.model(input_ids=self.windows[s:s + self.bs], use_cache=False)
-                except _Stop:
-                    pass
-        finally:
-            self.blocks[0] = self.blocks[0].inner
-        self.outs = torch.empty_like(self.inps)
-
-    def run(self, i: int, what: str, hooks: dict | None = None, keep: bool = False) -> dict:
-        """Run block i over all windows with ``hooks`` ({name: track_gram}); outputs to ``outs``.
-
-        If any hooked layer needs the Gram matrix, every statistics object of this run tracks it.
-        """
-        block, stats, seen, handles = self.blocks[i], {}, {}, []
-        track_gram = any((hooks or {}).values())  # shared statistics must serve every sharer
-        for name in hooks or {}:
-            hook = partial(_update, stats, seen, name, track_gram)
-            handles.append(self.model.get_submodule(name).register_forward_pre_hook(hook))
-        dtype = next(block.parameters()).dtype
-        self.bar.reset(self.task, total=len(self.inps), description=f"block {i}: {what}")
-        try:
-            for s in range(0, len(self.inps), self.bs):
-                h = self.inps[s:s + self.bs]
-                seen.clear()
-                positional, extra, kwargs = self.calls[len(h)]
-                h = h.to(dtype)
-                out = block(h, *extra, **kwargs) if positional else block(hidden_states=h, **kwargs)
-                if keep:
-                    self.outs[s:s + len(h)] = out[0] if isinstance(out, (tuple, list)) else out
-                self.bar.advance(self.task, len(h))
-        finally:
-            for handle in handles:
-                handle.remove()
-        return stats
-
-    def advance(self) -> None:
-        self.inps, self.outs = self.outs, self.inps
-
-
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, module)
@@ -363,7 +256,7 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
 
     bar, block_task = progress_bar(len(blocks) * (1 + bool(two_pass)), "blocks", progress)
     batch_task = bar.add_task("batches", total=len(windows))
-    walker = _Walker(model, blocks, windows, batch_size, bar, batch_task)
+    walker = BlockRunner(model, blocks, windows, batch_size, bar, batch_task)
     try:
         with bar, torch.no_grad():
             if two_pass:  # measuring pass: original layers, original block outputs
