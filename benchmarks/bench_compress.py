@@ -10,7 +10,8 @@ Results are appended to a JSON-lines file, one line per configuration; configura
 the file with the same settings are skipped, so an interrupted run resumes where it stopped.
 
     .venv/bin/python benchmarks/bench_compress.py [--n 32] [--seqlen 512] [--eval-tokens 8192]
-        [--ratios 0.9 0.8 0.6] [--methods svd fwsvd asvd svd_llm] [--results FILE] [--table]
+        [--ratios 0.9 0.8 0.6] [--methods svd fwsvd asvd svd_llm]
+        [--allocations welore sensitivity] [--results FILE] [--table]
 """
 from __future__ import annotations
 
@@ -26,13 +27,16 @@ from pathlib import Path
 DEFAULT_RESULTS = Path(__file__).with_name("results") / "compress.jsonl"
 
 
-def configurations(methods, ratios):
+def configurations(methods, ratios, allocations):
     yield {"method": "dense"}
     for ratio in ratios:
         for method in methods:
             yield {"method": method, "ratio": ratio, "allocation": "uniform"}
-    for allocation in ("welore", "sensitivity"):
+    for allocation in allocations:
         yield {"method": "svd_llm", "ratio": 0.8, "allocation": allocation}
+    if "fwsvd" in methods:  # the investigation of FWSVD's weighting axis (see fwsvd.py)
+        for ratio in (r for r in ratios if r >= 0.8):
+            yield {"method": "fwsvd", "ratio": ratio, "allocation": "uniform", "weighting": "output"}
 
 
 def speed(model, windows) -> float:
@@ -92,7 +96,7 @@ def settings(args) -> dict:
 
 
 def key(row: dict) -> tuple:
-    return (row["method"], row.get("ratio"), row.get("allocation"),
+    return (row["method"], row.get("ratio"), row.get("allocation"), row.get("weighting"),
             json.dumps(row.get("settings"), sort_keys=True))
 
 
@@ -102,7 +106,8 @@ def print_table(rows: list[dict]) -> None:
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
-        print(f"| {r['method']} | {r.get('allocation', '-')} | {r.get('ratio', 1.0)} | "
+        label = r["method"] + (f" ({r['weighting']} weighting)" if "weighting" in r else "")
+        print(f"| {label} | {r.get('allocation', '-')} | {r.get('ratio', 1.0)} | "
               f"{r['ppl_ptb']:.2f} | {r['ppl_austen']:.2f} | {r['compress_s']:.0f} | "
               f"{r['compress_peak_rss_mb']:.0f} | {r['parameters'] / 1e6:.1f} | {r['disk_mb']:.0f} | "
               f"{r['tokens_per_s']:.0f} | {r['speed_vs_dense']:.2f} |")
@@ -117,6 +122,8 @@ def main() -> None:
     ap.add_argument("--speed-windows", type=int, default=4)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.6])
     ap.add_argument("--methods", nargs="+", default=["svd", "fwsvd", "asvd", "svd_llm"])
+    ap.add_argument("--allocations", nargs="*", default=["welore", "sensitivity"],
+                    help="svd_llm at ratio 0.8 with these rank allocations (none: skip)")
     ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--table", action="store_true", help="only print the table of stored results")
@@ -132,7 +139,7 @@ def main() -> None:
     print(f"# {' '.join(sys.argv)}  (calibration {args.n}×{args.seqlen} PTB train, eval first "
           f"{args.eval_tokens} tokens of PTB test / Austen test, seqlen 512)", flush=True)
     rows = []
-    for config in configurations(args.methods, args.ratios):
+    for config in configurations(args.methods, args.ratios, args.allocations):
         k = key({**config, "settings": settings(args)})
         if k not in done and not args.table:
             cmd = [sys.executable, __file__, "--one", json.dumps(config),

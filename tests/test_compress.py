@@ -229,17 +229,29 @@ def test_fwsvd_with_uniform_fisher_is_plain_svd(layer1):
     assert float((a - b).norm() / b.norm()) < 1e-5  # the same matrix up to float32 round-off
 
 
-def test_fwsvd_weights_important_rows():
-    """A row with a large Fisher is reconstructed better than with plain SVD."""
+@pytest.mark.parametrize("weighting", ["input", "output"])
+def test_fwsvd_weights_important_features(weighting):
+    """A feature (input column / output row) with a large Fisher is reconstructed much better than
+    by plain SVD."""
     g = torch.Generator().manual_seed(1)
     W = torch.randn(30, 20, generator=g, dtype=torch.float64)
     fisher = torch.ones(30, 20, dtype=torch.float64)
-    fisher[0] = 1e4
-    U, S, Vh = fisher_weighted_factors(W, fisher, 4)
+    if weighting == "input":
+        fisher[:, 0] = 1e4
+    else:
+        fisher[0] = 1e4
+    U, S, Vh = fisher_weighted_factors(W, fisher, 4, weighting=weighting)
     Us, Ss, Vhs = svd_factors(W, 4)
-    err_fw = ((U * S) @ Vh - W)[0].norm()
-    err_svd = ((Us * Ss) @ Vhs - W)[0].norm()
+    pick = (lambda M: M[:, 0]) if weighting == "input" else (lambda M: M[0])
+    err_fw = pick((U * S) @ Vh - W).norm()
+    err_svd = pick((Us * Ss) @ Vhs - W).norm()
     assert err_fw < 0.1 * err_svd
+
+
+def test_fwsvd_rejects_an_unknown_weighting():
+    W = torch.randn(6, 4)
+    with pytest.raises(ValueError, match="weighting"):
+        fisher_weighted_factors(W, torch.ones(6, 4), 2, weighting="rows")
 
 
 # -- allocation -----------------------------------------------------------------------------------

@@ -1,21 +1,27 @@
 """FWSVD: Fisher-weighted SVD (Hsu et al. 2022, "Language model compression with weighted low-rank
 factorization").
 
-Each output row ``i`` of ``W [out, in]`` gets the importance ``I_i = sum_j F_ij`` (``F`` the
-empirical Fisher diagonal: mean squared gradient of the calibration loss w.r.t. each weight), and
-the factorisation minimises the row-weighted error ``||diag(sqrt(I)) (W - W_k)||_F``::
+Each weight gets the empirical Fisher diagonal ``F`` (mean squared gradient of the calibration
+loss w.r.t. each weight, from the pipeline's pass over the calibration windows on the original
+model). FWSVD sums ``F`` along one axis of ``W`` into one importance per row of the paper's
+matrix and minimises the importance-weighted reconstruction error; with ``D = diag(sqrt(I))``::
 
-    diag(sqrt(I)) W = U Sigma V^T      W_k = (diag(sqrt(I))^-1 U_k) Sigma_k V_k^T
+    weighting="input"  (default): I_j = sum_i F_ij per input feature (column of W [out, in])
+        W D = U Sigma V^T            W_k = U_k Sigma_k (V_k^T D^-1)
+    weighting="output": I_i = sum_j F_ij per output feature (row of W [out, in])
+        D W = U Sigma V^T            W_k = (D^-1 U_k) Sigma_k V_k^T
 
-so ``diag(sqrt(I))^-1`` is folded into the left factor. Reported (SVD-LLM's comparison table, as
-quoted in METHODS.md): LLaMA-7B WikiText-2 perplexity 1727 at 20% removed (ratio 0.8), against
-20061 for plain SVD.
+The paper writes layers as ``y = x W`` with ``W [in, out]`` (TensorFlow's layout), so its "rows"
+are input features; the public PyTorch reimplementations (ASVD's and the generalised-FWSVD
+authors') transpose ``nn.Linear.weight`` and weight input features too, hence the default. Our
+benchmark measured both (BENCHMARKS.md): on SmolLM2-135M the output weighting is far worse.
 
-Deliberate differences: the Fisher comes from the pipeline (one pass over the calibration windows
-on the original model, mean over windows); row importances are clamped below at ``1e-8`` times
-their maximum (rows the loss never saw would otherwise give an infinite fold); the weighted
-matrix is decomposed in float32 (float64 for a float64 weight). A uniform Fisher gives exactly
-plain SVD.
+Reported (SVD-LLM's comparison table, as quoted in METHODS.md): LLaMA-7B WikiText-2 perplexity
+1727 at 20% removed (ratio 0.8), against 20061 for plain SVD.
+
+Deliberate differences: importances are clamped below at ``1e-8`` times their maximum (features
+the loss never saw would otherwise give an infinite fold); the weighted matrix is decomposed in
+float32 (float64 for a float64 weight). A uniform Fisher gives exactly plain SVD.
 """
 from __future__ import annotations
 
@@ -26,21 +32,24 @@ from torch import Tensor
 
 from slimtune.compress.lowrank import build_step, weight_fisher
 from slimtune.recipe import LowRankConfig, register
-from slimtune.weights.svd import randomized_svd, truncated_svd
+from slimtune.weights.svd import randomized_svd, scaled_svd, truncated_svd
 
 NEEDS = frozenset({"fisher"})
-IMPORTANCE_FLOOR = 1e-8  # relative to the largest row importance
+IMPORTANCE_FLOOR = 1e-8  # relative to the largest importance
+Weighting = Literal["input", "output"]
 
 
 class FWSVDConfig(LowRankConfig):
-    """``method: fwsvd`` -- fields: targets, ratio, allocation, candidates, svd."""
+    """``method: fwsvd`` -- fields: targets, ratio, allocation, candidates, svd, weighting."""
 
     method: Literal["fwsvd"] = "fwsvd"
+    weighting: Weighting = "input"
 
 
-def row_importance(fisher: Tensor) -> Tensor:
-    """``I_i = sum_j F_ij`` per output row, clamped to ``IMPORTANCE_FLOOR * max(I)``."""
-    importance = fisher.detach().to(torch.float64).sum(dim=1)
+def feature_importance(fisher: Tensor, weighting: Weighting = "input") -> Tensor:
+    """Fisher summed over output rows (``input``: ``[in]``) or input columns (``output``:
+    ``[out]``), in float64, clamped below to ``IMPORTANCE_FLOOR * max``."""
+    importance = fisher.detach().to(torch.float64).sum(dim=0 if weighting == "input" else 1)
     top = float(importance.max()) if importance.numel() else 0.0
     if not top > 0:
         return torch.ones_like(importance)
@@ -48,23 +57,26 @@ def row_importance(fisher: Tensor) -> Tensor:
 
 
 def fisher_weighted_factors(W: Tensor, fisher: Tensor, rank: int | None = None,
-                            svd: str = "exact"):
-    """``(diag(sqrt(I))^-1 U, S, Vh)`` from the SVD of ``diag(sqrt(I)) W``."""
+                            svd: str = "exact", weighting: Weighting = "input"):
+    """``(U, S, Vh)`` of the Fisher-weighted SVD with the weighting folded back into ``U``
+    (``output``) or ``Vh`` (``input``); ``rank=None`` keeps every component."""
     if fisher.shape != W.shape:
         raise ValueError(f"fwsvd: Fisher shape {tuple(fisher.shape)} != weight shape "
                          f"{tuple(W.shape)}")
+    if weighting not in ("input", "output"):
+        raise ValueError(f"fwsvd: weighting must be 'input' or 'output', got {weighting!r}")
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
-    w = row_importance(fisher).sqrt().to(device=W.device, dtype=dtype)
-    scaled = W.detach().to(dtype) * w[:, None]
+    w = feature_importance(fisher, weighting).sqrt().to(device=W.device, dtype=dtype)
     r = min(W.shape) if rank is None else rank
-    if rank is None or svd == "exact":
-        U, S, Vh = truncated_svd(scaled, r)
-    else:
-        U, S, Vh = randomized_svd(scaled, r)
+    method = "exact" if rank is None or svd == "exact" else "randomized"
+    if weighting == "input":
+        return scaled_svd(W.detach().to(dtype), w, r, kind="diag", method=method)
+    scaled = W.detach().to(dtype) * w[:, None]
+    U, S, Vh = truncated_svd(scaled, r) if method == "exact" else randomized_svd(scaled, r)
     return U / w[:, None], S, Vh
 
 
 @register("fwsvd", FWSVDConfig)
 def build(config: FWSVDConfig):
     return build_step("fwsvd", config, NEEDS, lambda W, stats, rank: fisher_weighted_factors(
-        W, weight_fisher(stats, "fwsvd"), rank, config.svd))
+        W, weight_fisher(stats, "fwsvd"), rank, config.svd, config.weighting))

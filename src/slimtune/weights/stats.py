@@ -91,7 +91,7 @@ class FisherDiagonal:
     """Running sum of squared gradients per weight and the number of gradients added.
 
     ``fisher()`` is the empirical Fisher diagonal ``sum g^2 / count``; ``row_importance()`` sums it
-    over the input dimension, the per-output-row weighting of FWSVD.
+    over the input dimension (one importance per output row).
     """
 
     def __init__(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype = torch.float64,
