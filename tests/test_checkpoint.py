@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from slimtune.checkpoint import MANIFEST, save_model
-from slimtune.layers import FactoredLinear, LowRank, factored_layers, replace_linears
+from slimtune.layers import FactoredLinear, LowRank
+from slimtune.targets import factored_layers, replace_linears
 from slimtune.models import ModelNotFoundError, load_model
 
 

@@ -8,7 +8,7 @@ from torch import nn
 from slimtune.analyze.spectra import layer_spectra, layer_type_and_depth, plot_spectra
 from slimtune.evaluate import (accuracy, bytes_on_disk, parameter_count, peak_rss_mb, perplexity,
                                tokenize_text)
-from slimtune.layers import replace_linears
+from slimtune.targets import replace_linears
 
 
 def plain_transformers_perplexity(model, ids, seqlen, n_windows):

@@ -5,8 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from slimtune.layers import (DenseBase, FactoredLinear, LowRank, SparseDelta, factored_layers,
-                             match_targets, replace_linears)
+from slimtune.layers import DenseBase, FactoredLinear, LowRank, SparseDelta
+from slimtune.targets import factored_layers, match_targets, replace_linears
 
 
 def full_layer(core_kind="full", seed=0, dtype=torch.float32):

@@ -8,7 +8,8 @@ from torch import nn
 
 from slimtune.data import load_text
 from slimtune.evaluate import tokenize_text
-from slimtune.layers import FactoredLinear, LowRank, replace_linears
+from slimtune.layers import FactoredLinear, LowRank
+from slimtune.targets import replace_linears
 from slimtune.pipeline import (LayerStats, UnsupportedArchitectureError, calibration_windows,
                                find_blocks, fisher_diagonals, run_pipeline)
 from slimtune.weights.stats import InputStatistics

@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimtune.layers import FactoredLinear, factored_layers
+from slimtune.layers import FactoredLinear
+from slimtune.targets import factored_layers
 
 FORMAT = 1
 MANIFEST = "slimtune.json"

@@ -1,6 +1,6 @@
 """The factored linear layer every slimtune method produces.
 
-    y = x·(W_base ⊙ M)ᵀ + s·((x·Aᵀ)·Kᵀ)·Bᵀ + x·Sᵀ + bias
+    y = g ⊙ [x·(W_base ⊙ M)ᵀ + s·((x·Aᵀ)·Kᵀ)·Bᵀ + x·Sᵀ] + bias
 
 - base: a module with ``dense_weight()``, ``forward(x)`` and ``add_(delta)`` (``DenseBase`` here; a
   packed quantised base implements the same three methods). It may be absent (pure low-rank, as
@@ -10,6 +10,11 @@
   the scale s. Any module with ``forward(x)``, ``delta_weight()`` and ``rank`` can take its place
   (generated factors, DoRA-style transforms are added that way, never as branches in forward).
 - S: an optional sparse delta stored as flat indices + values.
+- g: an optional whole-weight transform, a module with ``output_scale(layer) -> [out]`` computed
+  from the layer's combined weight (DoRA's magnitude over the row norm); ``merge`` folds it in.
+- origin: an optional frozen ``LowRank`` recording how an adapter initialisation changed the base
+  (``W_base = W_original - origin.delta_weight()``, PiSSA and friends). It takes no part in
+  forward; saving an adapter and exporting it to PEFT read it.
 
 ``merge()`` folds the low-rank and sparse parts into the base, ``unmerge()`` takes them out again,
 ``to_dense()`` returns an ordinary ``nn.Linear``. ``describe()`` gives a JSON-able structure from
@@ -18,8 +23,6 @@ restores it exactly.
 """
 from __future__ import annotations
 
-import re
-from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -113,21 +116,64 @@ class SparseDelta(nn.Module):
         return out if residual is None else residual + out
 
 
+def _empty_lowrank(d: dict, n_in: int, n_out: int, kw: dict) -> LowRank:
+    r, core = d["rank"], d["core"]
+    K = {"none": None, "diag": torch.empty(r, **kw), "full": torch.empty(r, r, **kw)}[core]
+    return LowRank(torch.empty(r, n_in, **kw), torch.empty(n_out, r, **kw), d["scale"], K)
+
+
+class WeightNormScale(nn.Module):
+    """DoRA's transform: ``g = m / ||W||_row`` with ``W`` the layer's combined weight.
+
+    The norm is per output row of ``W [out, in]`` and detached from the graph (DoRA §4.3: treat
+    ``||V + ΔV||_c`` as a constant), so only ``m`` and the low-rank factors receive gradients.
+    """
+
+    kind = "weight_norm_scale"
+
+    def __init__(self, magnitude: Tensor, trainable: bool = True):
+        super().__init__()
+        self.magnitude = nn.Parameter(magnitude, requires_grad=trainable)
+
+    def output_scale(self, layer: "FactoredLinear") -> Tensor:
+        norm = torch.linalg.vector_norm(layer.combined_weight(), dim=1).detach()
+        return self.magnitude / norm
+
+    def describe(self) -> dict:
+        return {"kind": self.kind}
+
+
+TRANSFORMS = {WeightNormScale.kind: lambda d, n_out, **kw: WeightNormScale(torch.empty(n_out, **kw))}
+
+
+def build_transform(d: dict, n_out: int | None = None, **kw) -> nn.Module:
+    if d.get("kind") not in TRANSFORMS:
+        raise ValueError(f"unknown transform kind {d.get('kind')!r}; known: {sorted(TRANSFORMS)}")
+    return TRANSFORMS[d["kind"]](d, n_out, **kw)
+
+
 class FactoredLinear(nn.Module):
     """A linear layer as base (optionally masked) + low-rank + sparse + bias."""
 
     def __init__(self, in_features: int, out_features: int, base: nn.Module | None = None,
                  lowrank: nn.Module | None = None, sparse: SparseDelta | None = None,
-                 mask: Tensor | None = None, bias: Tensor | None = None):
+                 mask: Tensor | None = None, bias: Tensor | None = None,
+                 transform: nn.Module | None = None, origin: LowRank | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         if base is None and lowrank is None and sparse is None:
             raise ValueError("a FactoredLinear needs at least one of base, lowrank, sparse")
         if mask is not None and base is None:
             raise ValueError("a mask applies to the base weight; there is no base")
+        if origin is not None and base is None:
+            raise ValueError("an origin records a change of the base weight; there is no base")
         self.base, self.lowrank, self.sparse = base, lowrank, sparse
         self.register_buffer("mask", mask)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.transform, self.origin = transform, origin
+        if origin is not None:
+            origin.requires_grad_(False)
+        self.register_buffer("merge_scale", None)  # the transform's scale at merge time
         self.merged = False
 
     @classmethod
@@ -150,12 +196,17 @@ class FactoredLinear(nn.Module):
         parts = [p.delta_weight() for p in (self.lowrank, self.sparse) if p is not None]
         return None if not parts else parts[0] if len(parts) == 1 else parts[0] + parts[1]
 
+    def combined_weight(self) -> Tensor:
+        """Masked base plus low-rank plus sparse, before any transform (unmerged layers)."""
+        W, D = self.base_weight(), self.delta_weight()
+        return D if W is None else W if D is None else W + D
+
     def dense_weight(self) -> Tensor:
         """The weight this layer applies, as one dense tensor."""
         if self.merged:
             return self.base.dense_weight()
-        W, D = self.base_weight(), self.delta_weight()
-        return D if W is None else W if D is None else W + D
+        W = self.combined_weight()
+        return W if self.transform is None else self.transform.output_scale(self)[:, None] * W
 
     # -- forward -----------------------------------------------------------------------------
     def forward(self, x: Tensor) -> Tensor:
@@ -170,6 +221,8 @@ class FactoredLinear(nn.Module):
             for part in (self.lowrank, self.sparse):
                 if part is not None:
                     out = part(h, out)
+            if self.transform is not None:
+                out = out * self.transform.output_scale(self)
         if self.bias is not None:
             out = out + self.bias
         return out if out.dtype == x.dtype else out.to(x.dtype)
@@ -183,10 +236,11 @@ class FactoredLinear(nn.Module):
     # -- merge / unmerge / export ------------------------------------------------------------
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold low-rank and sparse parts into the base (the mask is applied first)."""
+        """Fold low-rank and sparse parts (and the transform) into the base (mask applied first)."""
         if self.merged:
             return
         D = self.delta_weight()
+        g = None if self.transform is None else self.transform.output_scale(self).detach().clone()
         if self.base is None:
             ref = next(self.parameters())
             self.base = DenseBase(torch.zeros(self.out_features, self.in_features,
@@ -195,6 +249,9 @@ class FactoredLinear(nn.Module):
             self.base.add_(self.base_weight() - self.base.dense_weight())
         if D is not None:
             self.base.add_(D)
+        if g is not None:
+            self.base.add_((g[:, None] - 1) * self.base.dense_weight())
+            self.merge_scale = g
         self.merged = True
 
     @torch.no_grad()
@@ -202,6 +259,9 @@ class FactoredLinear(nn.Module):
         """Undo ``merge``: the base returns to its masked value (masked entries are zero)."""
         if not self.merged:
             return
+        if self.merge_scale is not None:
+            self.base.add_((1 / self.merge_scale[:, None] - 1) * self.base.dense_weight())
+            self.merge_scale = None
         D = self.delta_weight()
         if D is not None:
             self.base.add_(-D)
@@ -229,6 +289,10 @@ class FactoredLinear(nn.Module):
             "lowrank": None if lr is None else {"rank": lr.rank, "core": lr.core_kind,
                                                 "scale": lr.scale},
             "sparse_nnz": None if self.sparse is None else self.sparse.nnz,
+            "transform": None if self.transform is None else self.transform.describe(),
+            "origin": None if self.origin is None else {"rank": self.origin.rank,
+                                                        "core": self.origin.core_kind,
+                                                        "scale": self.origin.scale},
         }
 
     @classmethod
@@ -241,12 +305,7 @@ class FactoredLinear(nn.Module):
             base = DenseBase(torch.empty(n_out, n_in, **kw))
         elif d["base"] is not None:
             raise ValueError(f"unknown base kind {d['base']!r}")
-        lowrank = None
-        if d["lowrank"] is not None:
-            r, core = d["lowrank"]["rank"], d["lowrank"]["core"]
-            K = {"none": None, "diag": torch.empty(r, **kw), "full": torch.empty(r, r, **kw)}[core]
-            lowrank = LowRank(torch.empty(r, n_in, **kw), torch.empty(n_out, r, **kw),
-                              d["lowrank"]["scale"], K)
+        lowrank = None if d["lowrank"] is None else _empty_lowrank(d["lowrank"], n_in, n_out, kw)
         sparse = None
         if d["sparse_nnz"] is not None:
             n = d["sparse_nnz"]
@@ -254,8 +313,13 @@ class FactoredLinear(nn.Module):
                                  torch.empty(n, **kw))
         mask = torch.empty(n_out, n_in, **kw) if d["mask"] else None
         bias = torch.empty(n_out, **kw) if d["bias"] else None
-        layer = cls(n_in, n_out, base, lowrank, sparse, mask, bias)
+        transform = (None if d.get("transform") is None
+                     else build_transform(d["transform"], n_out, **kw))
+        origin = None if d.get("origin") is None else _empty_lowrank(d["origin"], n_in, n_out, kw)
+        layer = cls(n_in, n_out, base, lowrank, sparse, mask, bias, transform, origin)
         layer.merged = d.get("merged", False)
+        if layer.merged and transform is not None:
+            layer.merge_scale = torch.empty(n_out, **kw)
         return layer
 
     def extra_repr(self) -> str:
@@ -263,74 +327,3 @@ class FactoredLinear(nn.Module):
         return (f"in={self.in_features}, out={self.out_features}, base={d['base']}, "
                 f"rank={None if self.lowrank is None else self.lowrank.rank}, "
                 f"sparse_nnz={d['sparse_nnz']}, mask={d['mask']}, merged={self.merged}")
-
-
-# -- putting layers into a model --------------------------------------------------------------
-Targets = str | Iterable[str]
-
-
-def output_layer_names(model: nn.Module) -> set[str]:
-    """Names of the LM head (output embedding), skipped by target patterns unless named."""
-    names = set()
-    get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    for name, module in model.named_modules():
-        if head is not None and module is head:
-            names.add(name)
-    return names
-
-
-def match_targets(model: nn.Module, targets: Targets, include_factored: bool = False) -> list[str]:
-    """Names of the ``nn.Linear`` modules selected by ``targets``, in model order.
-
-    ``FactoredLinear`` layers are selected too when ``include_factored`` (for analysis), never
-    for wrapping.
-
-    - ``"all-linear"``: every linear except the LM head.
-    - a list of names: a module matches a name if its full name equals it or ends with
-      ``"." + name`` (``"q_proj"`` selects every attention query projection). The LM head is
-      selected only when named in full (``"lm_head"``).
-    - any other string: a regular expression that must match the full module name.
-    Embeddings are never selected (they are not ``nn.Linear``).
-    """
-    head = output_layer_names(model)
-    kinds = (nn.Linear, FactoredLinear) if include_factored else (nn.Linear,)
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, kinds)]
-    if isinstance(targets, str):
-        if targets == "all-linear":
-            return [n for n, _ in linears if n not in head]
-        try:
-            pattern = re.compile(targets)
-        except re.error as err:
-            raise ValueError(f"targets {targets!r} is not 'all-linear' or a valid regex: {err}")
-        return [n for n, _ in linears if pattern.fullmatch(n)]
-    wanted = list(targets)
-    if not wanted or not all(isinstance(t, str) and t for t in wanted):
-        raise ValueError(f"targets must be 'all-linear', a regex or a list of names; got {targets!r}")
-    return [n for n, _ in linears
-            if n in wanted or (n not in head and any(n.endswith("." + t) for t in wanted))]
-
-
-def replace_linears(model: nn.Module, targets: Targets = "all-linear",
-                    factory: Callable[[str, nn.Linear], nn.Module] | None = None) -> dict:
-    """Replace the selected linears in place with ``factory(name, linear)``.
-
-    The default factory wraps each one as a ``FactoredLinear`` with only its dense base. Returns
-    ``{name: new_module}``. Raises ``ValueError`` when ``targets`` selects nothing.
-    """
-    names = match_targets(model, targets)
-    if not names:
-        raise ValueError(f"targets {targets!r} match no linear layer in {type(model).__name__}")
-    factory = factory or (lambda name, linear: FactoredLinear.from_linear(linear))
-    replaced = {}
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        new = factory(name, getattr(parent, child))
-        setattr(parent, child, new)
-        replaced[name] = new
-    return replaced
-
-
-def factored_layers(model: nn.Module) -> dict[str, FactoredLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, FactoredLinear)}

@@ -39,7 +39,8 @@ from torch import nn
 
 from slimtune.block_runner import BlockRunner
 from slimtune.evaluate import _model_device, peak_rss_mb, tokenize_text
-from slimtune.layers import FactoredLinear, Targets, match_targets
+from slimtune.layers import FactoredLinear
+from slimtune.targets import Targets, match_targets
 from slimtune.progress import progress_bar
 from slimtune.weights.stats import FisherDiagonal, InputStatistics
 

@@ -31,7 +31,7 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from slimtune.layers import match_targets
+from slimtune.targets import match_targets
 
 
 class RecipeError(ValueError):

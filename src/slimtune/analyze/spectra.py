@@ -22,7 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimtune.layers import FactoredLinear, Targets, match_targets
+from slimtune.layers import FactoredLinear
+from slimtune.targets import Targets, match_targets
 from slimtune.progress import progress_bar
 from slimtune.weights.svd import effective_rank, energy_kept, stable_rank
 
@@ -46,7 +47,7 @@ def _weight(module: nn.Module) -> torch.Tensor:
 def layer_spectra(model: nn.Module, targets: Targets = "all-linear", progress: bool = True) -> list[dict]:
     """One row per selected linear weight, in model order.
 
-    ``targets`` follows :func:`slimtune.layers.match_targets` (``"all-linear"``, a regex, or a list
+    ``targets`` follows :func:`slimtune.targets.match_targets` (``"all-linear"``, a regex, or a list
     of name suffixes). Each row: ``name``, ``type``, ``depth``, ``shape`` ``[out, in]``,
     ``singular_values`` (float32 tensor from ``torch.linalg.svdvals``, descending),
     ``stable_rank``, ``effective_rank`` and ``energy_r8``/``energy_r32``/``energy_r128`` (fraction

@@ -1,0 +1,11 @@
+"""Adapter methods (the LoRA family) on ``FactoredLinear``: ``apply``, ``save``, ``load``,
+``merge``; one module per method registers itself on import (see :mod:`.registry`)."""
+from slimtune.adapt.api import (adapter_config, after_step, apply, extra_loss, load, merge,
+                                read_manifest, save, trainable_parameters)
+from slimtune.adapt.registry import AdapterConfig, get_method, known_methods, register
+
+from slimtune.adapt import lora, pissa  # noqa: E402,F401  (registration)
+
+__all__ = ["AdapterConfig", "adapter_config", "after_step", "apply", "extra_loss", "get_method",
+           "known_methods", "load", "merge", "read_manifest", "register", "save",
+           "trainable_parameters"]

@@ -1,0 +1,220 @@
+"""Python API of the adapter methods: ``apply``, ``save``, ``load``, ``merge``.
+
+- :func:`apply` wraps the targeted linears of a model as ``FactoredLinear`` layers initialised by
+  the named method, freezes every other parameter, and records the method config on the model
+  (``model.slimtune_adapter``).
+- :func:`save` writes only the adapter: ``adapter.json`` (method config with its seed, base model
+  name, per-layer structure, the names of the trainable parameters) and ``adapter.safetensors``
+  (every non-base tensor of the adapted layers -- trainable factors, frozen generated or SVD
+  factors, DoRA magnitudes, the ``origin`` of base-changing inits -- plus any other trainable
+  parameter, e.g. a classification head trained in full). Atomic: temp dir, then rename.
+- :func:`load` rebuilds the adapter on a fresh base model: the base weight of each layer is the
+  fresh weight minus ``origin`` (no SVD or calibration is redone), the rest is loaded strictly.
+- :func:`merge` folds every adapted layer into a plain ``nn.Linear``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from slimtune.adapt.registry import AdapterConfig, get_method, make_config
+from slimtune.layers import FactoredLinear
+from slimtune.progress import progress_bar
+from slimtune.targets import factored_layers, match_targets
+
+FORMAT = 1
+CONFIG_FILE, WEIGHTS_FILE = "adapter.json", "adapter.safetensors"
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def adapter_config(model: nn.Module) -> AdapterConfig:
+    record = getattr(model, "slimtune_adapter", None)
+    if record is None:
+        raise ValueError("this model has no slimtune adapter (use slimtune.adapt.apply or load)")
+    return make_config(record["config"]["method"], **{k: v for k, v in record["config"].items()
+                                                       if k != "method"})
+
+
+def apply(model: nn.Module, method: str, r: int = 16, alpha: float = 32.0,
+          targets="all-linear", calib: torch.Tensor | None = None, progress: bool = True,
+          **params) -> nn.Module:
+    """Adapt ``model`` in place with ``method`` and return it (see the module docstring)."""
+    config = make_config(method, r=r, alpha=alpha, targets=targets, **params)
+    m = get_method(method)
+    if getattr(model, "slimtune_adapter", None) is not None or factored_layers(model):
+        raise ValueError("the model already has factored layers; apply one adapter to a plain "
+                         "base model (merge the previous one first)")
+    names = match_targets(model, config.targets)
+    if not names:
+        raise ValueError(f"{method}: targets {config.targets!r} match no linear layer in "
+                         f"{type(model).__name__}")
+    if m.needs_calibration and calib is None:
+        raise ValueError(f"{method} is data-driven: pass calib=<LongTensor [n, seqlen] of token "
+                         "windows> (e.g. slimtune.pipeline.calibration_windows)")
+    if not m.needs_calibration and calib is not None:
+        raise ValueError(f"{method} does not use calibration data; drop calib=")
+    if calib is not None and (calib.ndim != 2 or calib.dtype != torch.long):
+        raise ValueError(f"calib must be a LongTensor [n, seqlen], got {calib.dtype} "
+                         f"{tuple(calib.shape)}")
+    prepared = m.prepare(model, names, config, calib) if m.prepare else {}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    bar, task = progress_bar(len(names), f"{method} init (r={config.r})", progress)
+    with bar:
+        for name in names:
+            linear = model.get_submodule(name)
+            _set_module(model, name, m.init_layer(name, linear, config, prepared.get(name)))
+            bar.advance(task)
+    model.slimtune_adapter = {"config": config.model_dump(), "layers": names}
+    return model
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def extra_loss(model: nn.Module) -> torch.Tensor | None:
+    """The method's training-loss term (SORSA's regulariser) or None."""
+    config = adapter_config(model)
+    loss = get_method(config.method).loss
+    return None if loss is None else loss(model, config)
+
+
+def after_step(model: nn.Module, step: int) -> None:
+    config = adapter_config(model)
+    hook = get_method(config.method).after_step
+    if hook is not None:
+        hook(model, config, step)
+
+
+def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    layers = factored_layers(model)
+    state = {}
+    for name, layer in layers.items():
+        for key, value in layer.state_dict().items():
+            if not key.startswith("base."):
+                state[f"{name}.{key}"] = value
+    in_layers = tuple(f"{n}." for n in layers)
+    for key, p in model.named_parameters():
+        if p.requires_grad and not key.startswith(in_layers):
+            state[key] = p.detach()
+    return state
+
+
+def save(model: nn.Module, out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write the adapter of ``model`` to ``out`` (see the module docstring)."""
+    config = adapter_config(model)
+    layers = factored_layers(model)
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError("the adapter is merged; unmerge it before saving the adapter alone")
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in _adapter_state(model).items()}
+    hf_config = getattr(model, "config", None)
+    manifest = {"format": FORMAT, "config": config.model_dump(),
+                "base_model": getattr(hf_config, "_name_or_path", None),
+                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                "layers": {n: layer.describe() for n, layer in layers.items()},
+                "trainable": sorted(trainable_parameters(model))}
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(state, tmp / WEIGHTS_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(manifest, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a slimtune adapter (needs {CONFIG_FILE} and "
+                                f"{WEIGHTS_FILE})")
+    manifest = json.loads((path / CONFIG_FILE).read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path / CONFIG_FILE}: unsupported format {manifest.get('format')!r}")
+    return manifest
+
+
+@torch.no_grad()
+def load(base: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Put the adapter saved at ``path`` on ``base`` (in place) and return it."""
+    from safetensors.torch import load_file
+
+    manifest = read_manifest(path)
+    config = make_config(manifest["config"]["method"],
+                         **{k: v for k, v in manifest["config"].items() if k != "method"})
+    state = load_file(Path(path) / WEIGHTS_FILE)
+    for p in base.parameters():
+        p.requires_grad_(False)
+    for name, description in manifest["layers"].items():
+        try:
+            linear = base.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{path}: the base model has no layer {name!r}") from None
+        if not isinstance(linear, nn.Linear) or (linear.out_features, linear.in_features) != (
+                description["out_features"], description["in_features"]):
+            raise ValueError(f"{path}: {name} is not a matching nn.Linear in the base model")
+        W = linear.weight
+        layer = FactoredLinear.from_description(description, dtype=W.dtype, device=W.device)
+        prefix = f"{name}."
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        expected = {k for k in layer.state_dict() if not k.startswith("base.")}
+        if set(own) != expected:
+            raise ValueError(f"{path}: tensors for {name} do not match adapter.json "
+                             f"(missing {sorted(expected - set(own))[:4]}, unexpected "
+                             f"{sorted(set(own) - expected)[:4]})")
+        layer.load_state_dict(own, strict=False)
+        if layer.origin is not None:
+            layer.base.weight.data = (W - layer.origin.delta_weight()).to(W.dtype)
+        else:
+            layer.base.weight.data = W.data
+        if layer.bias is not None:
+            layer.bias.data = linear.bias.data
+        _set_module(base, name, layer)
+    rest = {k: v for k, v in state.items()
+            if not any(k.startswith(f"{n}.") for n in manifest["layers"])}
+    if rest:
+        missing, unexpected = [], [k for k in rest if k not in dict(base.named_parameters())]
+        if unexpected:
+            raise ValueError(f"{path}: the base model has no parameters {unexpected[:4]}")
+        params = dict(base.named_parameters())
+        for k, v in rest.items():
+            params[k].data = v.to(params[k])
+    params = dict(base.named_parameters())
+    for key in manifest["trainable"]:
+        if key in params:
+            params[key].requires_grad_(True)
+    for name in manifest["layers"]:  # frozen factors stay frozen, trainable ones train
+        layer = base.get_submodule(name)
+        for key, p in layer.named_parameters():
+            p.requires_grad_(f"{name}.{key}" in manifest["trainable"])
+    base.slimtune_adapter = {"config": config.model_dump(), "layers": list(manifest["layers"])}
+    return base
+
+
+@torch.no_grad()
+def merge(model: nn.Module) -> nn.Module:
+    """Fold every adapted layer into a plain ``nn.Linear`` (in place); returns the model."""
+    for name, layer in factored_layers(model).items():
+        _set_module(model, name, layer.to_dense())
+    model.slimtune_adapter = None
+    return model
