@@ -37,6 +37,9 @@ def configurations(methods, ratios, allocations):
     if "fwsvd" in methods:  # the investigation of FWSVD's weighting axis (see fwsvd.py)
         for ratio in (r for r in ratios if r >= 0.8):
             yield {"method": "fwsvd", "ratio": ratio, "allocation": "uniform", "weighting": "output"}
+    if "asvd" in methods:  # is ASVD's inversion against FWSVD the strength of its scaling?
+        for ratio in (r for r in ratios if r >= 0.8):
+            yield {"method": "asvd", "ratio": ratio, "allocation": "uniform", "alpha": 1.0}
 
 
 def speed(model, windows) -> float:
@@ -97,7 +100,7 @@ def settings(args) -> dict:
 
 def key(row: dict) -> tuple:
     return (row["method"], row.get("ratio"), row.get("allocation"), row.get("weighting"),
-            json.dumps(row.get("settings"), sort_keys=True))
+            row.get("alpha"), json.dumps(row.get("settings"), sort_keys=True))
 
 
 def print_table(rows: list[dict]) -> None:
@@ -107,6 +110,7 @@ def print_table(rows: list[dict]) -> None:
     print("|" + "---|" * len(cols))
     for r in rows:
         label = r["method"] + (f" ({r['weighting']} weighting)" if "weighting" in r else "")
+        label += f" (alpha {r['alpha']})" if "alpha" in r else ""
         print(f"| {label} | {r.get('allocation', '-')} | {r.get('ratio', 1.0)} | "
               f"{r['ppl_ptb']:.2f} | {r['ppl_austen']:.2f} | {r['compress_s']:.0f} | "
               f"{r['compress_peak_rss_mb']:.0f} | {r['parameters'] / 1e6:.1f} | {r['disk_mb']:.0f} | "

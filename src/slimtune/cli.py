@@ -266,5 +266,12 @@ def compress_command(
                  f"peak RSS {peak_rss_mb():.0f} MB -> {out}")
 
 
+from slimtune import cli_peft  # noqa: E402,F401  (registers `export-peft`)
+
+
+from slimtune.cli_adapt import ADAPT_HELP, adapt_command  # noqa: E402
+
+app.command("adapt", help=ADAPT_HELP)(adapt_command)
+
 if __name__ == "__main__":
     app()

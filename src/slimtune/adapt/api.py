@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimtune.adapt.factors import compute_dtype
 from slimtune.adapt.registry import AdapterConfig, get_method, make_config
 from slimtune.layers import FactoredLinear
 from slimtune.progress import progress_bar
@@ -48,7 +49,10 @@ def adapter_config(model: nn.Module) -> AdapterConfig:
 def apply(model: nn.Module, method: str, r: int = 16, alpha: float = 32.0,
           targets="all-linear", calib: torch.Tensor | None = None, progress: bool = True,
           **params) -> nn.Module:
-    """Adapt ``model`` in place with ``method`` and return it (see the module docstring)."""
+    """Adapt ``model`` in place with ``method`` and return it (see the module docstring).
+
+    Everything that can be checked is checked before the model is touched: the config, the
+    targets, ``r <= min(out, in)`` for every targeted layer, and ``calib``."""
     config = make_config(method, r=r, alpha=alpha, targets=targets, **params)
     m = get_method(method)
     if getattr(model, "slimtune_adapter", None) is not None or factored_layers(model):
@@ -58,6 +62,11 @@ def apply(model: nn.Module, method: str, r: int = 16, alpha: float = 32.0,
     if not names:
         raise ValueError(f"{method}: targets {config.targets!r} match no linear layer in "
                          f"{type(model).__name__}")
+    for name in names:
+        linear = model.get_submodule(name)
+        if config.r > min(linear.in_features, linear.out_features):
+            raise ValueError(f"{method}: r={config.r} exceeds min(out, in) = "
+                             f"{min(linear.in_features, linear.out_features)} of {name}")
     if m.needs_calibration and calib is None:
         raise ValueError(f"{method} is data-driven: pass calib=<LongTensor [n, seqlen] of token "
                          "windows> (e.g. slimtune.pipeline.calibration_windows)")
@@ -122,6 +131,10 @@ def save(model: nn.Module, out: str | os.PathLike, overwrite: bool = False) -> P
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir())
+                                               or (out / CONFIG_FILE).is_file())):
+        raise ValueError(f"refusing to overwrite {out}: it is not a slimtune adapter directory "
+                         "(nor an empty one)")
     out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in _adapter_state(model).items()}
     hf_config = getattr(model, "config", None)
@@ -134,9 +147,19 @@ def save(model: nn.Module, out: str | os.PathLike, overwrite: bool = False) -> P
     try:
         save_file(state, tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        old = None
+        if out.exists():  # set the old adapter aside until the new one is in place
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if old is not None:
+                os.replace(old / out.name, out)
+            raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -156,15 +179,19 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 @torch.no_grad()
 def load(base: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Put the adapter saved at ``path`` on ``base`` (in place) and return it."""
+    """Put the adapter saved at ``path`` on ``base`` (in place) and return it.
+
+    The manifest, the tensors and the base's layers are all checked before ``base`` changes."""
     from safetensors.torch import load_file
 
     manifest = read_manifest(path)
     config = make_config(manifest["config"]["method"],
                          **{k: v for k, v in manifest["config"].items() if k != "method"})
+    if getattr(base, "slimtune_adapter", None) is not None or factored_layers(base):
+        raise ValueError("the base model already has factored layers; load an adapter onto a "
+                         "plain base model")
     state = load_file(Path(path) / WEIGHTS_FILE)
-    for p in base.parameters():
-        p.requires_grad_(False)
+    layers, params = {}, dict(base.named_parameters())
     for name, description in manifest["layers"].items():
         try:
             linear = base.get_submodule(name)
@@ -182,31 +209,42 @@ def load(base: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise ValueError(f"{path}: tensors for {name} do not match adapter.json "
                              f"(missing {sorted(expected - set(own))[:4]}, unexpected "
                              f"{sorted(set(own) - expected)[:4]})")
-        layer.load_state_dict(own, strict=False)
+        try:
+            layer.load_state_dict(own, strict=False)
+        except RuntimeError as err:  # shapes disagree with adapter.json
+            raise ValueError(f"{path}: tensors for {name} do not match adapter.json: "
+                             f"{str(err).splitlines()[-1].strip()}") from None
+        layers[name] = (linear, layer)
+    rest = {k: v for k, v in state.items()
+            if not any(k.startswith(f"{n}.") for n in manifest["layers"])}
+    unexpected = [k for k, v in rest.items() if k not in params or params[k].shape != v.shape]
+    if unexpected:
+        raise ValueError(f"{path}: the base model has no parameters matching {unexpected[:4]}")
+    known = set(params) | {f"{n}.{k}" for n, (_, layer) in layers.items()
+                           for k, _ in layer.named_parameters()}
+    unknown = [k for k in manifest["trainable"] if k not in known]
+    if unknown:
+        raise ValueError(f"{path}: trainable parameters {unknown[:4]} are not in the base model")
+
+    for p in base.parameters():
+        p.requires_grad_(False)
+    for name, (linear, layer) in layers.items():
+        W = linear.weight
         if layer.origin is not None:
-            layer.base.weight.data = (W - layer.origin.delta_weight()).to(W.dtype)
+            dtype = compute_dtype(W)  # as adapted_linear computed it
+            delta = layer.origin.delta_weight().to(dtype)
+            layer.base.weight.data = (W.to(dtype) - delta).to(W.dtype)
         else:
             layer.base.weight.data = W.data
         if layer.bias is not None:
             layer.bias.data = linear.bias.data
         _set_module(base, name, layer)
-    rest = {k: v for k, v in state.items()
-            if not any(k.startswith(f"{n}.") for n in manifest["layers"])}
-    if rest:
-        missing, unexpected = [], [k for k in rest if k not in dict(base.named_parameters())]
-        if unexpected:
-            raise ValueError(f"{path}: the base model has no parameters {unexpected[:4]}")
-        params = dict(base.named_parameters())
-        for k, v in rest.items():
-            params[k].data = v.to(params[k])
+    for k, v in rest.items():
+        params[k].data = v.to(params[k])
     params = dict(base.named_parameters())
-    for key in manifest["trainable"]:
-        if key in params:
-            params[key].requires_grad_(True)
-    for name in manifest["layers"]:  # frozen factors stay frozen, trainable ones train
-        layer = base.get_submodule(name)
-        for key, p in layer.named_parameters():
-            p.requires_grad_(f"{name}.{key}" in manifest["trainable"])
+    trainable = set(manifest["trainable"])
+    for key, p in params.items():  # frozen factors stay frozen, trainable ones train
+        p.requires_grad_(key in trainable)
     base.slimtune_adapter = {"config": config.model_dump(), "layers": list(manifest["layers"])}
     return base
 

@@ -1,0 +1,203 @@
+"""``slimtune adapt``: fine-tune a model with an adapter method (or in full) and save the result.
+
+Registered on the ``slimtune`` app in :mod:`slimtune.cli`. Like the other commands it only parses,
+validates and prints: every argument (method and its parameters, training settings, data set,
+model/task fit, output directory) is checked before the model is loaded, and bad input prints one
+``error: ...`` line and exits with code 2. The work is :func:`slimtune.train.train`.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from slimtune.train.config import TrainConfig
+
+_DEFAULT = {name: field.default for name, field in TrainConfig.model_fields.items()}
+_NAMES = re.compile(r"[A-Za-z0-9_.]+(,[A-Za-z0-9_.]+)*")
+_COMMON = ("method", "r", "alpha", "targets")  # adapter fields that have their own options
+
+ADAPT_HELP = (
+    "Fine-tune a model with an adapter method (or all its weights) and save the adapter.\n\n"
+    "Causal-LM training (--data austen|ptb): random windows of --seqlen tokens (default 256) from "
+    "the train split; perplexity on the first --eval-tokens tokens of the test split. "
+    "Classification (--task finefoods, an encoder such as minilm-l6): a mean-pooled linear head "
+    "that trains in full, reviews truncated to --seqlen tokens (default 128); accuracy on the "
+    "first --eval-examples test reviews. One optimiser step sees --batch x --grad-accum "
+    "examples; AdamW with linear warmup then cosine decay, gradient clipping. Data-driven "
+    "methods get --calib-n calibration windows from the train split. --method full trains "
+    "every parameter (reference; --r/--alpha/--targets are then unused).\n\n"
+    "OUT ends up holding the adapter (adapter.json + adapter.safetensors, for "
+    "slimtune.adapt.load; a Hugging Face model directory for --method full) and history.json "
+    "(loss, lr, evaluations, seconds per step, peak RSS), written atomically. --save-every K "
+    "keeps the latest checkpoint in OUT/checkpoints; --resume continues from it.\n\n"
+    "Example: slimtune adapt -m smollm2-135m --method lora --data austen --steps 200 -o out/lora")
+
+
+def parse_targets(value: str):
+    """``all-linear``; comma-separated plain names (``q_proj,v_proj``) -> a list; else a regex."""
+    if value != "all-linear" and _NAMES.fullmatch(value):
+        return value.split(",")
+    return value
+
+
+def parse_params(items: List[str], fail) -> dict:
+    """``key=value`` strings -> a dict; values are read as YAML scalars (``3``, ``0.5``,
+    ``true``, ``exact``)."""
+    import yaml
+
+    params = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            fail(f"--param expects key=value, got {item!r}")
+        if key in _COMMON:
+            fail(f"--param {key}=...: use --{key} instead")
+        if key in params:
+            fail(f"--param {key} is given twice")
+        try:
+            params[key] = yaml.safe_load(raw) if raw.strip() else raw
+        except yaml.YAMLError:
+            params[key] = raw
+    return params
+
+
+def _is_causal_lm(model: str) -> bool:
+    """From the model's config.json alone (no loading)."""
+    from slimtune.models import MODEL_NAMES
+
+    if model in MODEL_NAMES:
+        return model == "smollm2-135m"
+    config = json.loads((Path(model).expanduser() / "config.json").read_text())
+    return any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
+
+
+def _train_config(fail, **fields) -> TrainConfig:
+    from pydantic import ValidationError
+
+    try:
+        return TrainConfig(**fields)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = "".join(f"--{p}".replace("_", "-") for p in first["loc"][:1])
+        fail(f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}")
+
+
+def _check_data_installed(config: TrainConfig, fail) -> None:
+    from slimtune.data import load_classification, load_text
+
+    try:
+        (load_classification if config.is_classification else load_text)(config.data, "train")
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+
+
+def adapt_command(
+    model: str = typer.Option(..., "--model", "-m", help="Registered model name (smollm2-135m, "
+                              "minilm-l6) or a local Hugging Face model directory."),
+    method: str = typer.Option(..., "--method", help="Adapter method (see "
+                               "slimtune.adapt.known_methods(): lora, pissa, ...) or 'full'."),
+    r: int = typer.Option(16, "--r", help="Adapter rank."),
+    alpha: float = typer.Option(32.0, "--alpha", help="Scale numerator: s = alpha / r."),
+    targets: str = typer.Option("all-linear", "--targets", help="'all-linear', comma-separated "
+                                "module names (q_proj,v_proj) or a regex on full names."),
+    param: List[str] = typer.Option([], "--param", "-p", help="Method parameter key=value "
+                                    "(repeatable), e.g. --param svd=exact."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Causal-LM text: austen or ptb."),
+    task: Optional[str] = typer.Option(None, "--task", help="Classification task: finefoods "
+                                       "(instead of --data)."),
+    steps: int = typer.Option(_DEFAULT["steps"], "--steps", help="Optimiser steps."),
+    batch: int = typer.Option(_DEFAULT["batch"], "--batch", help="Examples per micro-batch."),
+    grad_accum: int = typer.Option(_DEFAULT["grad_accum"], "--grad-accum",
+                                   help="Micro-batches per optimiser step."),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", show_default="256 LM, 128 finefoods",
+                                         help="Window length / truncation length in tokens."),
+    lr: float = typer.Option(_DEFAULT["lr"], "--lr", help="Peak learning rate."),
+    warmup: int = typer.Option(_DEFAULT["warmup"], "--warmup", help="Linear-warmup steps."),
+    max_grad_norm: float = typer.Option(_DEFAULT["max_grad_norm"], "--max-grad-norm",
+                                        help="Clip the global gradient norm to this "
+                                             "(0: no clipping)."),
+    weight_decay: float = typer.Option(_DEFAULT["weight_decay"], "--weight-decay"),
+    eval_every: int = typer.Option(_DEFAULT["eval_every"], "--eval-every",
+                                   help="Evaluate every K steps (0: only at the end)."),
+    eval_tokens: int = typer.Option(_DEFAULT["eval_tokens"], "--eval-tokens",
+                                    help="LM: test-split tokens scored per evaluation."),
+    eval_examples: int = typer.Option(_DEFAULT["eval_examples"], "--eval-examples",
+                                      help="Classification: test reviews per evaluation."),
+    save_every: int = typer.Option(_DEFAULT["save_every"], "--save-every",
+                                   help="Checkpoint every K steps (0: never)."),
+    seed: int = typer.Option(_DEFAULT["seed"], "--seed", help="Data order, head init, RNG."),
+    calib_n: int = typer.Option(_DEFAULT["calib_n"], "--calib-n",
+                                help="Calibration windows (data-driven methods only)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (must not exist unless "
+                                                      "--resume)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue OUT's run from its latest "
+                                                        "checkpoint (or start it)."),
+) -> None:
+    """Validate everything, load the model, train, save."""
+    from slimtune.cli import check_model, fail, load_or_fail, stdout
+
+    check_model(model)
+    from slimtune.adapt import known_methods
+    from slimtune.adapt.registry import make_config
+    from slimtune.data import CLASSIFICATION_DATASETS, TEXT_DATASETS
+
+    params = parse_params(param, fail)
+    if method == "full":
+        if params:
+            fail("--method full takes no --param")
+        adapter = None
+    elif method not in known_methods():
+        fail(f"unknown method {method!r}: use one of {', '.join(known_methods())} or full")
+    else:
+        try:
+            adapter = make_config(method, r=r, alpha=alpha, targets=parse_targets(targets),
+                                  **params)
+        except ValueError as err:
+            fail(str(err))
+    if task is not None and data is not None:
+        fail("--data (causal-LM text) and --task (classification) exclude each other")
+    if task is None and data is None:
+        fail(f"pass --data ({', '.join(TEXT_DATASETS)}) or --task "
+             f"({', '.join(CLASSIFICATION_DATASETS)})")
+    if task is not None and task not in CLASSIFICATION_DATASETS:
+        fail(f"unknown task {task!r}: use one of {', '.join(CLASSIFICATION_DATASETS)}")
+    config = _train_config(
+        fail, data=task or data, steps=steps, batch=batch, grad_accum=grad_accum, seqlen=seqlen,
+        lr=lr, warmup=warmup, max_grad_norm=max_grad_norm or None, weight_decay=weight_decay,
+        eval_every=eval_every, eval_tokens=eval_tokens, eval_examples=eval_examples,
+        save_every=save_every, seed=seed, calib_n=calib_n)
+    if config.is_classification == _is_causal_lm(model):
+        kind = "an encoder (e.g. minilm-l6)" if config.is_classification else \
+            "a causal language model (e.g. smollm2-135m)"
+        fail(f"{config.data} needs {kind}; {model} is not one")
+    from slimtune.train.loop import check_resume
+
+    try:
+        check_resume(out, config, adapter, resume)
+    except FileExistsError:
+        fail(f"--out {out} already exists (pass --resume to continue its run)")
+    except ValueError as err:
+        fail(f"--out: {err}")
+    _check_data_installed(config, fail)
+
+    from slimtune.train import build_task, train
+
+    base, tokenizer = load_or_fail(model)
+    try:
+        job = build_task(config, tokenizer)
+        _, history = train(base, job, config, out, adapter=adapter, resume=resume)
+    except ValueError as err:
+        fail(str(err))
+    final = history["final_eval"] or {}
+    metric = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k in ("perplexity", "accuracy"))
+    what = "in full" if adapter is None else f"with {adapter.method} (r={adapter.r})"
+    stdout.print(f"trained {model} {what} on {config.data}: "
+                 f"{history['trainable_parameters']:,} trainable parameters, {config.steps} steps, "
+                 f"{history['seconds_per_step']:.2f} s/step, final loss "
+                 f"{history['steps'][-1]['loss']:.4f}, {metric}, peak RSS "
+                 f"{history['peak_rss_mb']:.0f} MB -> {out}", highlight=False, soft_wrap=True)

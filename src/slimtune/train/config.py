@@ -1,0 +1,104 @@
+"""The training run's settings, validated before anything is loaded.
+
+``batch`` is the micro-batch (windows or reviews per forward pass); one optimiser step sees
+``batch * grad_accum`` of them. ``seqlen`` is the window length of causal-LM training and the
+truncation length of classification (default 128 tokens there). ``eval_every`` / ``save_every``
+count optimiser steps; 0 means "only at the end" / "never". ``warmup`` is a number of optimiser
+steps (see :mod:`slimtune.train.schedule`).
+"""
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from slimtune.data import CLASSIFICATION_DATASETS, TEXT_DATASETS
+
+LM_SEQLEN, CLASSIFICATION_SEQLEN = 256, 128
+MAX_CLASSIFICATION_SEQLEN = 512  # BERT-family position embeddings
+# Changing these between a checkpoint and its resume does not change the result.
+RESUME_FREE_FIELDS = frozenset({"eval_every", "save_every"})
+
+
+class TrainConfig(BaseModel):
+    """Settings of one fine-tuning run (adapter or full); every field is checked on creation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: str = Field(description="text data set (causal-LM training: austen, ptb) or "
+                                  "classification data set (finefoods)")
+    steps: int = Field(100, ge=1, description="optimiser steps")
+    batch: int = Field(4, ge=1, description="examples per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
+    seqlen: int | None = Field(None, ge=2, description="tokens per window (LM, default 256) or "
+                                                       "truncation length (classification, "
+                                                       "default 128)")
+    lr: float = Field(2e-4, gt=0, description="peak learning rate")
+    warmup: int = Field(0, ge=0, description="linear-warmup steps before the cosine decay")
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of lr")
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    max_grad_norm: float | None = Field(1.0, gt=0, description="clip the global gradient norm "
+                                                              "to this (None: no clipping)")
+    eval_every: int = Field(0, ge=0, description="evaluate every K steps (0: only at the end)")
+    eval_tokens: int = Field(8192, ge=2, description="LM: score the first N test-split tokens")
+    eval_examples: int = Field(256, ge=1, description="classification: first N test reviews")
+    save_every: int = Field(0, ge=0, description="checkpoint every K steps (0: never)")
+    seed: int = Field(0, description="seeds the data order, the head and torch's global RNG")
+    calib_n: int = Field(64, ge=1, description="calibration windows for data-driven methods")
+
+    @field_validator("data")
+    @classmethod
+    def _known_data(cls, value: str) -> str:
+        known = [*TEXT_DATASETS, *CLASSIFICATION_DATASETS]
+        if value not in known:
+            raise ValueError(f"unknown data set {value!r}; valid: {', '.join(known)}")
+        return value
+
+    @field_validator("betas")
+    @classmethod
+    def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in value):
+            raise ValueError(f"betas must lie in [0, 1), got {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TrainConfig":
+        if self.warmup > self.steps:
+            raise ValueError(f"warmup ({self.warmup}) exceeds steps ({self.steps})")
+        if self.is_classification and self.window > MAX_CLASSIFICATION_SEQLEN:
+            raise ValueError(f"seqlen {self.window} exceeds the encoder's "
+                             f"{MAX_CLASSIFICATION_SEQLEN} positions")
+        if not self.is_classification and self.eval_tokens < self.window:
+            raise ValueError(f"eval_tokens ({self.eval_tokens}) must hold at least one window "
+                             f"of seqlen {self.window}")
+        return self
+
+    @property
+    def is_classification(self) -> bool:
+        return self.data in CLASSIFICATION_DATASETS
+
+    @property
+    def window(self) -> int:
+        """``seqlen`` with the task's default filled in."""
+        if self.seqlen is not None:
+            return self.seqlen
+        return CLASSIFICATION_SEQLEN if self.is_classification else LM_SEQLEN
+
+    def resume_mismatch(self, saved: dict) -> list[str]:
+        """Fields (other than :data:`RESUME_FREE_FIELDS`) that differ from a checkpoint's."""
+        now = self.model_dump(mode="json")
+        return sorted(k for k in set(now) | set(saved)
+                      if k not in RESUME_FREE_FIELDS and now.get(k) != saved.get(k))
+
+
+def make_train_config(**fields) -> TrainConfig:
+    """``TrainConfig(**fields)`` with pydantic's errors turned into one ``ValueError`` line that
+    names each offending field."""
+    from pydantic import ValidationError
+
+    try:
+        return TrainConfig(**fields)
+    except ValidationError as err:
+        problems = "; ".join(("".join(f"{p}." for p in e["loc"])[:-1] + ": " if e["loc"] else "")
+                             + e["msg"].removeprefix("Value error, ") for e in err.errors())
+        raise ValueError(problems) from None
