@@ -3,7 +3,6 @@ import copy
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from slimtune import adapt

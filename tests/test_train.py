@@ -108,7 +108,7 @@ class FixedBatch:
 def test_lora_loss_falls_on_a_fixed_batch(smollm2, lm_task, tmp_path):
     model = copy.deepcopy(smollm2[0])
     lora = make_config("lora", r=8, targets=r"model\.layers\.(1[5-9]|2[0-9])\..*")  # top half
-    trained, history = train(model, FixedBatch(lm_task()), small_config(steps=10),
+    _, history = train(model, FixedBatch(lm_task()), small_config(steps=10),
                              tmp_path / "run", adapter=lora, progress=False)
     losses = [r["loss"] for r in history["steps"]]
     assert losses[-1] < 0.7 * losses[0], losses
