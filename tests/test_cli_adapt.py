@@ -139,8 +139,6 @@ def test_cli_full_finetuning_writes_a_model_eval_reads(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["eva", "corda"])
 def test_cli_data_driven_method_trains(tmp_path, method):
-    if method not in adapt.known_methods():
-        pytest.skip(f"{method} is not registered")
     args = ["adapt", "-m", "smollm2-135m", "--method", method, "--data", "austen", "--r", "4",
             "--targets", "q_proj,v_proj", "--steps", "3", "--batch", "1", "--seqlen", "32",
             "--eval-tokens", "64", "--calib-n", "4", "--save-every", "2", "--out",
