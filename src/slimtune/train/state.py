@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from slimtune import adapt
+from slimtune.checkpoint import _swap_in as swap_in
 
 CHECKPOINTS, STATE_FILE, RUN_FILE, ADAPTER_DIR = "checkpoints", "state.pt", "run.json", "adapter"
 FULL_WEIGHTS, HISTORY_FILE = "weights.safetensors", "history.json"
@@ -162,13 +163,7 @@ def write_final(out: str | os.PathLike, model: nn.Module, tokenizer, history: di
             save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters()},
                       tmp / "model.safetensors")
         (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=1))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_in(tmp, out, overwrite=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
