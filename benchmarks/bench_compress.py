@@ -121,7 +121,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--n", type=int, default=32)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--speed-windows", type=int, default=4)
     ap.add_argument("--ratios", type=float, nargs="+", default=[0.9, 0.8, 0.6])

@@ -24,10 +24,11 @@ Two ratios are printed: peak / expected, and (peak - overhead) / expected, where
 right before the pipeline - model size: the interpreter, torch/transformers/tokenizers code and
 heap that exist before the pipeline starts (~0.4 GB here, ~80% of the 135M-parameter model itself,
 so the plain ratio cannot come near 1 at this size). glibc keeps part of the freed per-batch
-memory: with MALLOC_MMAP_THRESHOLD_=262144 the growth over the RSS before the pipeline was seen
-to drop from ~180 MB to ~110 MB (8 × 256 windows).
+memory unless told not to: ``run_pipeline``'s default ``limit_heap=True`` sets a fixed mmap
+threshold and 2 arenas (``--no-limit-heap`` shows glibc's defaults).
 
-    .venv/bin/python benchmarks/bench_pipeline_memory.py [--n 32] [--seqlen 512] [--batch-size 8]
+    .venv/bin/python benchmarks/bench_pipeline_memory.py [--n 32] [--seqlen 512] [--batch-size 2]
+        [--no-limit-heap]
 """
 from __future__ import annotations
 
@@ -90,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--n", type=int, default=32, help="calibration windows (default 32)")
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--no-limit-heap", action="store_true",
+                    help="run_pipeline(limit_heap=False): glibc's default heap behaviour")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = ap.parse_args(argv)
@@ -114,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     expected = model_mb + acts_mb + gram_mb
     print(f"model {args.model}: {len(blocks)} blocks at '{prefix}', hidden {hidden}; calibration "
           f"{args.n} × {args.seqlen} PTB train windows (seed {args.seed}), batch size "
-          f"{args.batch_size}")
+          f"{args.batch_size}, limit_heap {not args.no_limit_heap}")
 
     gc.collect()
     try:
@@ -127,13 +130,14 @@ def main(argv: list[str] | None = None) -> None:
     can_reset = _reset_peak()
     step = GramOnly()
     start = time.perf_counter()
-    report = run_pipeline(model, windows, [step], batch_size=args.batch_size, progress=False)
+    report = run_pipeline(model, windows, [step], batch_size=args.batch_size, progress=False,
+                          limit_heap=not args.no_limit_heap)
     seconds = time.perf_counter() - start
     pipeline_peak = _status_mb("VmHWM") if can_reset else None
     process_peak = peak_rss_mb()
 
     print(f"layers given Gram statistics: {step.layers}; pipeline time {seconds:.1f} s "
-          f"(not a timing benchmark)")
+          f"(one run: see bench_pipeline_speed.py for timing)")
     print(f"expected working set: model {model_mb:.1f} MB + activations {acts_mb:.1f} MB "
           f"(2 × {args.n}×{args.seqlen}×{hidden}×4 B) + one block's Gram matrices "
           f"{gram_mb:.1f} MB = {expected:.1f} MB")

@@ -58,6 +58,21 @@ def peft_wrap(linear: nn.Linear, **lora_kw):
     return model, model.base_model.model[0]
 
 
+# -- PiSSA's SVD routes ----------------------------------------------------------------------------
+@pytest.mark.parametrize("svd", ["exact", "gram"])
+@pytest.mark.parametrize("proj", ["self_attn.q_proj", "mlp.down_proj"])
+def test_pissa_principal_part_is_the_rank_r_truncation(block0, svd, proj):
+    """Both exact routes put the float64 rank-r truncation of the real weight in the adapter
+    (the gram route: eigh of the float64 Gram matrix; tolerance covers float32 storage)."""
+    linear = copy.deepcopy(block0.get_submodule(proj))
+    W = linear.weight.detach().double()
+    layer = init("pissa", linear, svd=svd)
+    U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+    W_r = (U[:, :R] * S[:R]) @ Vh[:R]
+    assert rel(layer.lowrank.delta_weight(), W_r) < (1e-5 if svd == "gram" else 1e-3)
+    assert rel(layer.combined_weight(), W) < 1e-6
+
+
 # -- MiLoRA ------------------------------------------------------------------------------------
 def test_milora_factors_span_the_minor_singular_subspace(q_proj):
     linear = q_proj.double()

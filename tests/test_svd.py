@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from slimtune.weights.svd import (
     effective_rank,
     energy_kept,
+    gram_svd,
     randomized_svd,
     rank_for_energy,
     rank_for_ratio,
@@ -77,6 +78,31 @@ def test_randomized_matches_exact_on_decaying_spectrum(dtype):
     err_exact = torch.linalg.matrix_norm(W - reconstruct(U_e, S_e, Vh_e))
     err_rand = torch.linalg.matrix_norm(W - reconstruct(U_r, S_r, Vh_r))
     assert err_rand <= err_exact * (1 + 1e-4)
+
+
+@pytest.mark.parametrize("shape", [(40, 70), (70, 40)], ids=["wide", "tall"])
+def test_gram_svd_equals_the_float64_svd(shape):
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(2)) * torch.logspace(
+        0, -1, shape[1])
+    r = 6
+    U, S, Vh = gram_svd(W, r)
+    U_e, S_e, Vh_e = truncated_svd(W.double(), r)
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    torch.testing.assert_close(S.double(), S_e, rtol=1e-6, atol=0)
+    torch.testing.assert_close(U.double(), U_e, rtol=0, atol=1e-5)  # same sign convention
+    torch.testing.assert_close(Vh.double(), Vh_e, rtol=0, atol=1e-5)
+    assert gram_svd(W.double(), r)[0].dtype == torch.float64
+
+
+def test_gram_svd_falls_back_when_sigma_r_is_tiny():
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(30, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 50, generator=g,
+                                                                           dtype=torch.float64)
+    U, S, Vh = gram_svd(W, 5)  # rank 3: sigma_4, sigma_5 ~ 0 cannot be divided by
+    assert torch.isfinite(U).all() and torch.isfinite(Vh).all()
+    torch.testing.assert_close(reconstruct(U, S, Vh), W)
+    with pytest.raises(ValueError, match="rank r"):
+        gram_svd(W, 31)
 
 
 def test_randomized_svd_is_deterministic_per_seed():

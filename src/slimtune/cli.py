@@ -220,7 +220,7 @@ def compress_command(
     n: int = typer.Option(128, "--n", min=1, help="Number of calibration windows."),
     seqlen: int = typer.Option(512, "--seqlen", min=2, help="Tokens per calibration window."),
     seed: int = typer.Option(0, "--seed", help="Seed for choosing calibration windows."),
-    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Windows per block forward."),
+    batch_size: int = typer.Option(2, "--batch-size", min=1, help="Windows per block forward."),
     merge: bool = typer.Option(False, "--merge", help="Write a plain dense HF model."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
 ) -> None:

@@ -75,7 +75,7 @@ def apply(model: nn.Module, method: str, r: int = 16, alpha: float = 32.0,
     if calib is not None and (calib.ndim != 2 or calib.dtype != torch.long):
         raise ValueError(f"calib must be a LongTensor [n, seqlen], got {calib.dtype} "
                          f"{tuple(calib.shape)}")
-    prepared = m.prepare(model, names, config, calib) if m.prepare else {}
+    prepared = m.prepare(model, names, config, calib, progress=progress) if m.prepare else {}
     for p in model.parameters():
         p.requires_grad_(False)
     bar, task = progress_bar(len(names), f"{method} init (r={config.r})", progress)

@@ -123,7 +123,7 @@ def _hooked_covariances(model: nn.Module, names: list[str], calib: torch.Tensor,
 
 
 def prepare(model: nn.Module, names: list[str], config: CorDAConfig,
-            calib: torch.Tensor) -> dict[str, CorDAFactors]:
+            calib: torch.Tensor, progress: bool = True) -> dict[str, CorDAFactors]:
     for name in names:
         W = model.get_submodule(name).weight
         if config.r > min(W.shape):
@@ -134,7 +134,7 @@ def prepare(model: nn.Module, names: list[str], config: CorDAConfig,
     factors = {}
     if inside:
         step = ContextSVDStep(inside, config)
-        run_pipeline(model, calib, [step], batch_size=config.batch_size)
+        run_pipeline(model, calib, [step], batch_size=config.batch_size, progress=progress)
         factors.update(step.factors)
     if outside:
         for name, C in _hooked_covariances(model, outside, calib, config.batch_size).items():

@@ -135,7 +135,7 @@ class _Stream:
 
 @torch.no_grad()
 def prepare(model: nn.Module, names: list[str], config: EVAConfig,
-            calib: torch.Tensor) -> dict[str, EvaInit]:
+            calib: torch.Tensor, progress: bool = True) -> dict[str, EvaInit]:
     k = config.max_rank
     for name in names:
         n_in = model.get_submodule(name).in_features
@@ -146,7 +146,8 @@ def prepare(model: nn.Module, names: list[str], config: EVAConfig,
     stream, ranks, active = _Stream(names, config), None, list(names)
     was_training = model.training
     model.eval()
-    bar, task = progress_bar(len(starts), f"eva: incremental PCA of {len(names)} layers inputs")
+    bar, task = progress_bar(len(starts), f"eva: incremental PCA of {len(names)} layers inputs",
+                             progress)
     try:
         with bar:
             for step, s in enumerate(starts):

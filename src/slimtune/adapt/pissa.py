@@ -8,8 +8,10 @@ residual, so the output at step 0 equals the original model's. The paper reports
 convergence than LoRA and higher accuracy at equal rank (e.g. Mistral-7B GSM8K 72.86 vs 67.7).
 
 ``svd: randomized`` (default) uses :func:`slimtune.weights.svd.randomized_svd` with ``niter``
-power iterations and a fixed seed; ``svd: exact`` the full SVD (PEFT's ``pissa``). BENCHMARKS.md
-records both against PEFT's ``pissa`` and ``pissa_niter_4`` (time and reconstruction error).
+power iterations, a sketch of ``r + oversample`` columns and a fixed seed (``oversample: 0`` is
+PEFT's ``pissa_niter_N`` sketch); ``svd: exact`` the full LAPACK SVD (PEFT's ``pissa``);
+``svd: gram`` the same exact triplets from ``eigh`` of the float64 Gram matrix, faster and more
+accurate. BENCHMARKS.md records all of them against PEFT's ``pissa`` and ``pissa_niter_4``.
 """
 from __future__ import annotations
 
@@ -20,15 +22,17 @@ from torch import nn
 
 from slimtune.adapt.factors import adapted_linear, compute_dtype, split_sqrt
 from slimtune.adapt.registry import AdapterConfig, register
-from slimtune.weights.svd import randomized_svd, truncated_svd
+from slimtune.weights.svd import gram_svd, randomized_svd, truncated_svd
 
 
 class PiSSAConfig(AdapterConfig):
-    """``method: pissa`` -- r, alpha, targets, rslora, seed, svd (exact | randomized), niter."""
+    """``method: pissa`` -- r, alpha, targets, rslora, seed, svd (exact | gram | randomized), niter,
+    oversample."""
 
     method: Literal["pissa"] = "pissa"
-    svd: Literal["exact", "randomized"] = "randomized"
+    svd: Literal["exact", "gram", "randomized"] = "randomized"
     niter: int = Field(4, ge=0)
+    oversample: int = Field(10, ge=0)
 
 
 def principal_factors(linear: nn.Linear, config: PiSSAConfig):
@@ -37,7 +41,10 @@ def principal_factors(linear: nn.Linear, config: PiSSAConfig):
         raise ValueError(f"pissa: r={config.r} exceeds min(out, in) = {min(W.shape)}")
     if config.svd == "exact":
         return truncated_svd(W, config.r)
-    return randomized_svd(W, config.r, n_iter=config.niter, seed=config.seed)
+    if config.svd == "gram":
+        return gram_svd(W, config.r)
+    return randomized_svd(W, config.r, oversample=config.oversample, n_iter=config.niter,
+                          seed=config.seed)
 
 
 def init_layer(name: str, linear: nn.Linear, config: PiSSAConfig, prepared=None):

@@ -7,9 +7,10 @@ A method is one module in ``slimtune/adapt/`` that defines a pydantic config (su
 
 - ``init_layer(name, linear, config, prepared) -> FactoredLinear`` (required): the adapted layer
   for one ``nn.Linear``; ``prepared`` is this layer's entry of ``prepare``'s result (or None).
-- ``prepare(model, names, config, calib) -> {name: object}`` (optional): data-driven work done
-  before any layer is replaced (EVA's incremental SVD, CorDA's streamed covariances). ``calib``
-  is a LongTensor ``[n, seqlen]`` of token windows. A method with ``prepare`` needs ``calib``.
+- ``prepare(model, names, config, calib, progress) -> {name: object}`` (optional): data-driven
+  work done before any layer is replaced (EVA's incremental SVD, CorDA's streamed covariances).
+  ``calib`` is a LongTensor ``[n, seqlen]`` of token windows; ``progress`` shows or hides its
+  progress bars. A method with ``prepare`` needs ``calib``.
 - ``loss(model, config) -> Tensor`` (optional): a term added to the training loss (SORSA's
   orthonormal regulariser).
 - ``after_step(model, config, step) -> None`` (optional): called by the training loop after every
