@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -45,19 +44,10 @@ from pathlib import Path
 
 import torch
 
+from bench_common import append_row, first_blocks, read_rows
+
 DEFAULT_RESULTS = Path(__file__).with_name("results") / "adapt_init.jsonl"
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def first_blocks(model, n: int):
-    """``model`` cut to its first ``n`` transformer blocks (in place; smoke tests)."""
-    from slimtune.pipeline import find_blocks
-
-    path, blocks = find_blocks(model)
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, blocks[:n])
-    model.config.num_hidden_layers = n
-    return model
 
 
 def methods(args) -> dict:
@@ -241,12 +231,9 @@ def main() -> None:
     args = ap.parse_args()
     if not args.table:
         row = run(args)
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        with args.results.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(args.results, row)
         print("\n".join(verdict(row)))
-    rows = ([json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
-            if args.results.exists() else [])
+    rows = read_rows(args.results)
     print_table(rows if args.table else rows[-1:])
 
 

@@ -47,6 +47,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_common import append_row, first_blocks, read_rows
+
 DEFAULT_RESULTS = Path(__file__).with_name("results") / "adapt_quality.jsonl"
 
 # One peak learning rate per method. Where the method's paper or reference code gives one, it is
@@ -81,17 +83,6 @@ LR = {
     "full": 2e-5,
 }
 MODELS = {"austen": "smollm2-135m", "finefoods": "minilm-l6"}
-
-
-def first_blocks(model, n: int):
-    """``model`` cut to its first ``n`` transformer blocks (in place; smoke tests)."""
-    from slimtune.pipeline import find_blocks
-
-    path, blocks = find_blocks(model)
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, blocks[:n])
-    model.config.num_hidden_layers = n
-    return model
 
 
 def settings(args) -> dict:
@@ -262,12 +253,7 @@ def main() -> None:
     s = settings(args)
     jobs = [{"task": args.task, "method": m, "lr": None if m == "none" else lr[m], "settings": s}
             for m in methods]
-    done = {}
-    if args.results.exists():
-        for line in args.results.read_text().splitlines():
-            if line.strip():
-                row = json.loads(line)
-                done[key(row)] = row
+    done = {key(row): row for row in read_rows(args.results)}
     print(f"# {os.path.basename(sys.executable)} {' '.join(sys.argv)}  (task {args.task}, "
           f"settings {json.dumps(s)}; load average {os.getloadavg()[0]:.2f})", flush=True)
     for job in jobs:
@@ -283,9 +269,7 @@ def main() -> None:
             print(f"FAILED {job['method']}:\n{proc.stderr[-3000:]}", file=sys.stderr, flush=True)
             continue
         row = json.loads(proc.stdout.strip().splitlines()[-1])
-        args.results.parent.mkdir(parents=True, exist_ok=True)
-        with args.results.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(args.results, row)
         done[k] = row
         print(f"  done in {time.perf_counter() - began:.0f} s", file=sys.stderr, flush=True)
     order = {m: i for i, m in enumerate(["none", *known_methods(), "full"])}

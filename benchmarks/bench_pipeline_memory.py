@@ -24,8 +24,8 @@ Two ratios are printed: peak / expected, and (peak - overhead) / expected, where
 right before the pipeline - model size: the interpreter, torch/transformers/tokenizers code and
 heap that exist before the pipeline starts (~0.4 GB here, ~80% of the 135M-parameter model itself,
 so the plain ratio cannot come near 1 at this size). glibc keeps part of the freed per-batch
-memory unless told not to: ``run_pipeline``'s default ``limit_heap=True`` sets a fixed mmap
-threshold and 2 arenas (``--no-limit-heap`` shows glibc's defaults).
+memory unless trimmed: ``run_pipeline``'s default ``heap="trim"`` calls ``malloc_trim(0)`` after
+every block (``--heap default`` shows glibc's behaviour).
 
     .venv/bin/python benchmarks/bench_pipeline_memory.py [--n 32] [--seqlen 512] [--batch-size 2]
         [--no-limit-heap]
@@ -92,8 +92,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=32, help="calibration windows (default 32)")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--no-limit-heap", action="store_true",
-                    help="run_pipeline(limit_heap=False): glibc's default heap behaviour")
+    ap.add_argument("--heap", choices=["trim", "default"], default="trim",
+                    help="run_pipeline(heap=...): malloc_trim after every block (default) or "
+                         "glibc's default behaviour")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = ap.parse_args(argv)
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     expected = model_mb + acts_mb + gram_mb
     print(f"model {args.model}: {len(blocks)} blocks at '{prefix}', hidden {hidden}; calibration "
           f"{args.n} × {args.seqlen} PTB train windows (seed {args.seed}), batch size "
-          f"{args.batch_size}, limit_heap {not args.no_limit_heap}")
+          f"{args.batch_size}, heap {args.heap}")
 
     gc.collect()
     try:
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     step = GramOnly()
     start = time.perf_counter()
     report = run_pipeline(model, windows, [step], batch_size=args.batch_size, progress=False,
-                          limit_heap=not args.no_limit_heap)
+                          heap=args.heap)
     seconds = time.perf_counter() - start
     pipeline_peak = _status_mb("VmHWM") if can_reset else None
     process_peak = peak_rss_mb()

@@ -1,9 +1,9 @@
 """Time and peak memory of the pipeline's old default (batch 8, glibc's heap) against the new one.
 
-``run_pipeline`` now defaults to batch 2 with ``limit_heap=True`` (fixed 256 KiB mmap threshold,
-2 arenas), chosen for memory (bench_pipeline_memory.py). This checks what that costs in time: each
-setting runs ``bench_pipeline_memory.py`` (SmolLM2-135M, Gram statistics on all 210 projections,
-N × seqlen PTB-train windows) in its own process (the heap setting is process-wide), ALTERNATING
+``run_pipeline`` now defaults to batch 2 with ``heap="trim"`` (``malloc_trim`` after every block),
+chosen for memory (bench_pipeline_memory.py). This checks what that costs in time: each setting
+runs ``bench_pipeline_memory.py`` (SmolLM2-135M, Gram statistics on all 210 projections,
+N × seqlen PTB-train windows) in its own process (a fresh heap each), ALTERNATING
 the settings for --repeats rounds, and reports per setting the median pipeline seconds, its ratio
 to the old default measured in the same run, and the median pipeline peak over the expected
 working set (net of the runtime overhead; target <= 1.25).
@@ -20,9 +20,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-SETTINGS = {"batch 8, glibc heap (old default)": ["--batch-size", "8", "--no-limit-heap"],
-            "batch 2, limit_heap (new default)": ["--batch-size", "2"],
-            "batch 8, limit_heap": ["--batch-size", "8"]}
+SETTINGS = {"batch 8, glibc heap (old default)": ["--batch-size", "8", "--heap", "default"],
+            "batch 2, trim (new default)": ["--batch-size", "2", "--heap", "trim"]}
 
 
 def run_once(flags, n, seqlen) -> tuple[float, float]:
@@ -53,7 +52,7 @@ def main(argv=None) -> None:
             nets[name].append(net)
             print(f"round {r + 1}: {name}: {seconds:.1f} s, net peak ratio {net:.3f}", flush=True)
     base = statistics.median(times[names[0]])
-    print(f"\n| setting | median s | vs old default | (peak − overhead) / expected |")
+    print("\n| setting | median s | vs old default | (peak − overhead) / expected |")
     print("|---|---|---|---|")
     for name in names:
         t = statistics.median(times[name])

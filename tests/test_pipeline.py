@@ -240,6 +240,20 @@ def test_fisher_diagonals(smollm2, minilm, lm_windows):
         run_pipeline(minilm[0], windows, [Identity(needs=("fisher",))], progress=False)
 
 
+def test_heap_is_trimmed_after_every_block(smollm2, lm_windows, monkeypatch):
+    import slimtune.pipeline as pipeline
+
+    calls = []
+    monkeypatch.setattr(pipeline, "trim_heap", lambda: calls.append(1) or True)
+    model = copy.deepcopy(smollm2[0])
+    run_pipeline(model, lm_windows[:2], [Identity()], progress=False)
+    assert len(calls) == 30
+    run_pipeline(model, lm_windows[:2], [Identity()], progress=False, heap="default")
+    assert len(calls) == 30
+    with pytest.raises(ValueError, match="heap must be"):
+        run_pipeline(model, lm_windows[:2], [Identity()], progress=False, heap="mmap")
+
+
 def test_bad_steps_raise_before_work(smollm2):
     model, windows = smollm2[0], torch.zeros(1, 8, dtype=torch.long)
     with pytest.raises(ValueError, match=r"step 1 \(Identity\).*no_such_proj"):

@@ -19,26 +19,13 @@ from slimtune.weights.stats import InputStatistics
 STATS_CHUNK = 1024  # tokens per InputStatistics.update (its float64 copies are chunk × in)
 
 
-# glibc mallopt parameters (malloc.h)
-_M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
-MMAP_THRESHOLD = 256 * 1024
+def trim_heap() -> bool:
+    """Hand glibc's free heap pages back to the OS (``malloc_trim(0)``; Linux only, else False).
 
-
-def limit_heap_retention() -> bool:
-    """Make glibc return freed per-batch buffers to the OS instead of keeping them (Linux only).
-
-    The walk allocates and frees the same large activations for every batch of every block. With
-    glibc's dynamic mmap threshold, buffers freed once are afterwards served from the heap, which
-    keeps their pages, and one arena per thread multiplies that: RSS was measured to grow by
-    ~150 MB over 30 SmolLM2 blocks (benchmarks/bench_pipeline_memory.py). A fixed 256 KiB mmap
-    threshold and at most 2 arenas (the effect of MALLOC_MMAP_THRESHOLD_=262144
-    MALLOC_ARENA_MAX=2) stop the growth. Process-wide and harmless elsewhere; returns False where
-    there is no glibc ``mallopt``.
-    """
+    Called after every block: the per-batch activations freed during a block otherwise stay in
+    the process's arenas and RSS creeps up block after block."""
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and \
-            bool(libc.mallopt(_M_ARENA_MAX, 2))
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):
         return False
 

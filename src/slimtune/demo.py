@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--adapt-steps", type=int, default=30,
                     help="LoRA steps on Austen train (0: skip the adaptation rows)")
     args = ap.parse_args(argv)
+    if args.adapt_steps < 0:
+        ap.error(f"--adapt-steps must be >= 0, got {args.adapt_steps}")
     adapt_config = make_train_config(data="austen", steps=max(args.adapt_steps, 1), batch=4,
                                      seqlen=128, lr=2e-4, eval_tokens=128, seed=0)
     console = Console(width=None if Console().is_terminal else 130)

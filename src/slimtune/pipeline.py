@@ -37,7 +37,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from slimtune.block_runner import BlockRunner, limit_heap_retention
+from slimtune.block_runner import BlockRunner, trim_heap
 from slimtune.evaluate import _model_device, peak_rss_mb, tokenize_text
 from slimtune.layers import FactoredLinear
 from slimtune.targets import Targets, match_targets
@@ -213,13 +213,14 @@ def _validate(model, steps, prefix: str, n_blocks: int):
 
 
 def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int = 2,
-                 progress: bool = True, limit_heap: bool = True) -> dict:
+                 progress: bool = True, heap: str = "trim") -> dict:
     """Compress ``model`` in place block by block with ``steps`` (see the module docstring).
 
-    ``batch_size`` windows run per block forward; with ``limit_heap`` glibc is told to return freed
-    buffers to the OS (:func:`limit_heap_retention`, process-wide). These defaults (batch 2, heap
-    limited) keep the peak within 10% of model + one block's activations + statistics, where
-    batch 8 with glibc's defaults was measured 48% over it (BENCHMARKS.md, pipeline memory).
+    ``batch_size`` windows run per block forward; with ``heap="trim"`` glibc's free heap pages go
+    back to the OS after every block (:func:`trim_heap`; ``"default"``: left to glibc). These
+    defaults (batch 2, trim) keep the peak within 15% of model + one block's activations and
+    statistics (net of the interpreter), where batch 8 was measured 46% over it, at the same speed
+    (BENCHMARKS.md, pipeline memory).
 
     Returns ``{"blocks", "n_blocks", "windows", "steps": [{"step", "kind", "layers" (names
     applied), "replaced" (names whose module changed), "outside_blocks" (matched names not in a
@@ -233,8 +234,8 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     steps = list(steps)
-    if limit_heap:
-        limit_heap_retention()
+    if heap not in ("trim", "default"):
+        raise ValueError(f"heap must be 'trim' or 'default', got {heap!r}")
     prefix, blocks = find_blocks(model)
     per_step = _validate(model, steps, prefix, len(blocks))
     fisher_names = sorted({n for needs, bb in per_step if "fisher" in needs for b in bb for n in b})
@@ -313,6 +314,8 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
                 for needs, by_block in per_step:
                     for name in by_block[i]:
                         fisher.pop(name, None)
+                if heap == "trim":
+                    trim_heap()
                 bar.advance(block_task)
     finally:
         walker.inps = walker.outs = None

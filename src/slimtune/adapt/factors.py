@@ -23,10 +23,31 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.layers import DenseBase, FactoredLinear, LowRank
+from slimtune.weights.svd import gram_svd, randomized_svd, truncated_svd
 
 
 def compute_dtype(weight: Tensor) -> torch.dtype:
     return torch.float64 if weight.dtype == torch.float64 else torch.float32
+
+
+def init_weight(linear: nn.Linear, r: int, method: str) -> Tensor:
+    """The layer's weight in the compute dtype, after checking ``r <= min(out, in)``."""
+    W = linear.weight.detach().to(compute_dtype(linear.weight))
+    if r > min(W.shape):
+        raise ValueError(f"{method}: r={r} exceeds min(out, in) = {min(W.shape)}")
+    return W
+
+
+def top_singular(linear: nn.Linear, r: int, method: str, svd: str = "randomized", niter: int = 4,
+                 oversample: int = 10, seed: int = 0):
+    """``(U_r, S_r, Vh_r)`` of the layer's weight by the named route of ``slimtune.weights.svd``:
+    ``exact`` (LAPACK), ``gram`` (eigh of the float64 Gram matrix) or ``randomized``."""
+    W = init_weight(linear, r, method)
+    if svd == "exact":
+        return truncated_svd(W, r)
+    if svd == "gram":
+        return gram_svd(W, r)
+    return randomized_svd(W, r, oversample=oversample, n_iter=niter, seed=seed)
 
 
 def layer_generator(seed: int, name: str, device: torch.device | str = "cpu") -> torch.Generator:

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from slimtune.adapt.factors import adapted_linear, compute_dtype, split_sqrt
+from slimtune.adapt.factors import adapted_linear, init_weight, split_sqrt
 from slimtune.adapt.registry import AdapterConfig, register
 from slimtune.weights.svd import truncated_svd
 
@@ -34,9 +34,7 @@ class MiLoRAConfig(AdapterConfig):
 
 def minor_factors(linear: nn.Linear, r: int):
     """``(U_min [out, r], S_min [r], Vh_min [r, in])``: the r smallest singular triplets."""
-    W = linear.weight.detach().to(compute_dtype(linear.weight))
-    if r > min(W.shape):
-        raise ValueError(f"milora: r={r} exceeds min(out, in) = {min(W.shape)}")
+    W = init_weight(linear, r, "milora")
     U, S, Vh = truncated_svd(W, min(W.shape))  # the full thin SVD, deterministic signs
     return U[:, -r:], S[-r:], Vh[-r:]
 

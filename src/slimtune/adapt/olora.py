@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from slimtune.adapt.factors import adapted_linear, compute_dtype
+from slimtune.adapt.factors import adapted_linear, init_weight
 from slimtune.adapt.registry import AdapterConfig, register
 
 
@@ -28,9 +28,7 @@ class OLoRAConfig(AdapterConfig):
 
 def qr_factors(linear: nn.Linear, r: int):
     """``(A, B) = (R[:r], Q[:, :r])`` of the reduced QR of the weight."""
-    W = linear.weight.detach().to(compute_dtype(linear.weight))
-    if r > min(W.shape):
-        raise ValueError(f"olora: r={r} exceeds min(out, in) = {min(W.shape)}")
+    W = init_weight(linear, r, "olora")
     Q, R = torch.linalg.qr(W)
     return R[:r].clone(), Q[:, :r].clone()
 

@@ -20,9 +20,8 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from slimtune.adapt.factors import adapted_linear, compute_dtype, split_sqrt
+from slimtune.adapt.factors import adapted_linear, split_sqrt, top_singular
 from slimtune.adapt.registry import AdapterConfig, register
-from slimtune.weights.svd import gram_svd, randomized_svd, truncated_svd
 
 
 class PiSSAConfig(AdapterConfig):
@@ -35,20 +34,9 @@ class PiSSAConfig(AdapterConfig):
     oversample: int = Field(10, ge=0)
 
 
-def principal_factors(linear: nn.Linear, config: PiSSAConfig):
-    W = linear.weight.detach().to(compute_dtype(linear.weight))
-    if config.r > min(W.shape):
-        raise ValueError(f"pissa: r={config.r} exceeds min(out, in) = {min(W.shape)}")
-    if config.svd == "exact":
-        return truncated_svd(W, config.r)
-    if config.svd == "gram":
-        return gram_svd(W, config.r)
-    return randomized_svd(W, config.r, oversample=config.oversample, n_iter=config.niter,
-                          seed=config.seed)
-
-
 def init_layer(name: str, linear: nn.Linear, config: PiSSAConfig, prepared=None):
-    U, S, Vh = principal_factors(linear, config)
+    U, S, Vh = top_singular(linear, config.r, "pissa", config.svd, config.niter, config.oversample,
+                            config.seed)
     A, B = split_sqrt(U, S, Vh, config.scale)
     return adapted_linear(linear, A, B, config.scale, residual=True)
 

@@ -25,34 +25,26 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from slimtune.adapt.factors import adapted_linear, compute_dtype
+from slimtune.adapt.factors import adapted_linear, compute_dtype, top_singular
 from slimtune.adapt.registry import AdapterConfig, register
 from slimtune.targets import factored_layers
-from slimtune.weights.svd import randomized_svd, truncated_svd
 
 
 class SORSAConfig(AdapterConfig):
     """``method: sorsa`` -- r, targets, seed, gamma (regulariser weight, >= 0), svd (exact |
-    randomized), niter; alpha and rslora are ignored (scale 1)."""
+    gram | randomized), niter, oversample; alpha and rslora are ignored (scale 1)."""
 
     method: Literal["sorsa"] = "sorsa"
     gamma: float = Field(4e-4, ge=0)
-    svd: Literal["exact", "randomized"] = "randomized"
+    svd: Literal["exact", "gram", "randomized"] = "randomized"
     niter: int = Field(4, ge=0)
-
-
-def top_singular(linear: nn.Linear, config: SORSAConfig):
-    W = linear.weight.detach().to(compute_dtype(linear.weight))
-    if config.r > min(W.shape):
-        raise ValueError(f"sorsa: r={config.r} exceeds min(out, in) = {min(W.shape)}")
-    if config.svd == "exact":
-        return truncated_svd(W, config.r)
-    return randomized_svd(W, config.r, n_iter=config.niter, seed=config.seed)
+    oversample: int = Field(10, ge=0)
 
 
 @torch.no_grad()
 def init_layer(name: str, linear: nn.Linear, config: SORSAConfig, prepared=None):
-    U, S, Vh = top_singular(linear, config)
+    U, S, Vh = top_singular(linear, config.r, "sorsa", config.svd, config.niter,
+                            config.oversample, config.seed)
     return adapted_linear(linear, Vh, U, 1.0, core=S, residual=True)
 
 

@@ -22,32 +22,25 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from slimtune.adapt.factors import adapted_linear, compute_dtype
+from slimtune.adapt.factors import adapted_linear, top_singular
 from slimtune.adapt.registry import AdapterConfig, register
-from slimtune.weights.svd import randomized_svd, truncated_svd
 
 
 class SVFitConfig(AdapterConfig):
-    """``method: svfit`` -- r, targets, seed, svd (exact | randomized), niter; alpha and rslora
+    """``method: svfit`` -- r, targets, seed, svd (exact | gram | randomized), niter,
+    oversample; alpha and rslora
     are ignored (the trained singular values set the scale)."""
 
     method: Literal["svfit"] = "svfit"
-    svd: Literal["exact", "randomized"] = "randomized"
+    svd: Literal["exact", "gram", "randomized"] = "randomized"
     niter: int = Field(4, ge=0)
-
-
-def top_singular(linear: nn.Linear, config: SVFitConfig):
-    W = linear.weight.detach().to(compute_dtype(linear.weight))
-    if config.r > min(W.shape):
-        raise ValueError(f"svfit: r={config.r} exceeds min(out, in) = {min(W.shape)}")
-    if config.svd == "exact":
-        return truncated_svd(W, config.r)
-    return randomized_svd(W, config.r, n_iter=config.niter, seed=config.seed)
+    oversample: int = Field(10, ge=0)
 
 
 @torch.no_grad()
 def init_layer(name: str, linear: nn.Linear, config: SVFitConfig, prepared=None):
-    U, S, Vh = top_singular(linear, config)
+    U, S, Vh = top_singular(linear, config.r, "svfit", config.svd, config.niter,
+                            config.oversample, config.seed)
     return adapted_linear(linear, Vh, U, 1.0, core=S, residual=True, train_A=False,
                           train_B=False, train_core=True)
 
