@@ -96,7 +96,7 @@ def calib_method(monkeypatch):
     for one test only."""
     calls = []
 
-    def prepare(model, names, config, calib):
+    def prepare(model, names, config, calib, progress=True):
         calls.append((list(names), calib))
         return {}
 
