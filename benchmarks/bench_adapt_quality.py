@@ -103,11 +103,11 @@ def settings(args) -> dict:
             "eval_examples": args.eval_examples}
 
 
-def train_config(task: str, s: dict, lr: float):
+def train_config(task: str, s: dict, lr: float, calib_data: str | None = None):
     from slimtune.train import make_train_config
 
     common = dict(data=task, steps=s["steps"], batch=s["batch"], seqlen=s["seqlen"], lr=lr,
-                  calib_n=s["calib_n"], seed=s["seed"])
+                  calib_n=s["calib_n"], calib_data=calib_data, seed=s["seed"])
     if task == "austen":  # one window: the loop's own final evaluation (at the training seqlen)
         return make_train_config(**common, eval_tokens=s["seqlen"])  # is not used (run_one)
     return make_train_config(**common, eval_examples=s["eval_examples"])
@@ -139,7 +139,9 @@ def run_one(job: dict) -> dict:
     model, tok = load_model(MODELS[task_name])
     if s["layers"]:
         first_blocks(model, s["layers"])
-    config = train_config(task_name, s, lr if lr is not None else 1e-4)
+    variant = VARIANTS.get(method, {"method": method, "params": {}})
+    config = train_config(task_name, s, lr if lr is not None else 1e-4,
+                          variant.get("calib_data"))
     task = build_task(config, tok)
     if task_name == "finefoods":
         limit_training_set(task, s["train_examples"], s["seed"])
@@ -149,12 +151,6 @@ def run_one(job: dict) -> dict:
         model = task.prepare_model(model, seed=s["seed"])
         row.update(trainable=0, step_s=None, losses=[])
     else:
-        variant = VARIANTS.get(method, {"method": method, "params": {}})
-        if variant.get("calib_data") and task_name == "austen":
-            from slimtune.pipeline import calibration_windows
-
-            task.calibration = lambda n, seed: calibration_windows(
-                tok, variant["calib_data"], "train", n=n, seqlen=s["seqlen"], seed=seed)
         adapter = None if method == "full" else make_config(
             variant["method"], r=s["r"], alpha=s["alpha"], seed=s["seed"], **variant["params"])
         with tempfile.TemporaryDirectory() as tmp:

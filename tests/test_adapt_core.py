@@ -231,23 +231,27 @@ def test_load_restores_factors_and_fully_trained_parameters(saved_adapter, x):
         torch.testing.assert_close(out, outputs(trained, x)[name], rtol=0, atol=0)
 
 
-def test_load_onto_a_different_model_is_refused_untouched(saved_adapter, minilm):
-    _, _, path = saved_adapter
-    other = copy.deepcopy(minilm[0])
-    snap = snapshot(other)
-    with pytest.raises(ValueError, match="has no layer 'q_proj'"):
-        adapt.load(other, path)
-    assert_untouched(other, snap)
+def _different_model(base, minilm):
+    return copy.deepcopy(minilm[0])
 
 
-def test_load_onto_a_mismatched_layer_is_refused_untouched(saved_adapter):
+def _mismatched_layer(base, minilm):
     """q_proj matches, k_proj does not: nothing may be half-loaded or frozen."""
-    base, _, path = saved_adapter
     base["k_proj"] = nn.Linear(576, 100, bias=False)
-    snap = snapshot(base)
-    with pytest.raises(ValueError, match="k_proj is not a matching nn.Linear"):
-        adapt.load(base, path)
-    assert_untouched(base, snap)
+    return base
+
+
+@pytest.mark.parametrize("make_target, error", [
+    (_different_model, "has no layer 'q_proj'"),
+    (_mismatched_layer, "k_proj is not a matching nn.Linear"),
+])
+def test_load_onto_a_wrong_model_is_refused_untouched(saved_adapter, minilm, make_target, error):
+    base, _, path = saved_adapter
+    target = make_target(base, minilm)
+    snap = snapshot(target)
+    with pytest.raises(ValueError, match=error):
+        adapt.load(target, path)
+    assert_untouched(target, snap)
 
 
 def test_load_refuses_a_model_that_already_has_an_adapter(saved_adapter):

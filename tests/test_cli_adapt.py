@@ -57,6 +57,9 @@ def test_help_lists_the_options():
     ([*LM, "--param", "r=4"], "use --r"),
     (["adapt", "-m", "smollm2-135m", "--method", "full", "--data", "ptb", "-p", "x=1"],
      "takes no --param"),
+    ([*LM, "--calib-data", "ptb"], "--calib-data: calib_data='ptb': lora uses no calibration"),
+    (["adapt", "-m", "smollm2-135m", "--method", "corda", "--data", "austen", "--calib-data",
+      "wiki"], "unknown calibration text 'wiki'"),
 ])
 def test_bad_input_exits_2_with_one_line_before_loading(no_loading, tmp_path, args, message):
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "run")])

@@ -52,6 +52,7 @@ def test_no_warmup_starts_at_full_lr_and_decays():
     ({"data": "ptb", "eval_tokens": 100}, "eval_tokens"),
     ({"data": "finefoods", "seqlen": 600}, "512"),
     ({"data": "ptb", "learning_rate": 1e-3}, "learning_rate"),
+    ({"data": "austen", "calib_data": "wiki"}, "unknown calibration text 'wiki'"),
 ])
 def test_bad_settings_are_rejected_with_the_field_name(fields, message):
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -76,6 +77,14 @@ def test_train_refuses_an_existing_out_before_touching_the_model(tmp_path):
     config = make_train_config(data="austen", steps=1)
     with pytest.raises(FileExistsError, match="already exists"):
         train(object(), None, config, tmp_path / "run")
+
+
+@pytest.mark.parametrize("method", [None, "lora"])
+def test_calibration_data_for_a_method_without_calibration_is_refused(tmp_path, method):
+    config = make_train_config(data="austen", steps=1, calib_data="ptb")
+    adapter = None if method is None else make_config(method, r=2)
+    with pytest.raises(ValueError, match="uses no calibration data"):
+        train(object(), None, config, tmp_path / "run", adapter=adapter)
 
 
 # -- SmolLM2 with LoRA ----------------------------------------------------------------------
@@ -237,6 +246,29 @@ def test_method_hooks_are_called(minilm, monkeypatch, tmp_path):
                        adapter=make_config("hooked", r=2), progress=False)
     assert calls == [1, 2, 3]
     assert [r["extra_loss"] for r in history["steps"]] == [0.25] * 3
+
+
+@pytest.mark.parametrize("calib_data", [None, "ptb"])
+def test_data_driven_methods_calibrate_on_calib_data(smollm2, lm_task, monkeypatch, tmp_path,
+                                                     calib_data):
+    """CorDA's kpm collects the knowledge to keep: calib_data replaces the training text."""
+    from slimtune.pipeline import calibration_windows
+    from slimtune.train import loop
+
+    seen = {}
+
+    def record(model, method, calib=None, **kwargs):
+        seen["calib"] = calib
+        raise RuntimeError("recorded")
+
+    monkeypatch.setattr(loop.adapt, "apply", record)
+    config = small_config(calib_n=3, calib_data=calib_data)
+    with pytest.raises(RuntimeError, match="recorded"):
+        train(copy.deepcopy(smollm2[0]), lm_task(), config, tmp_path / "run",
+              adapter=make_config("corda", r=2, mode="kpm"), progress=False)
+    expected = calibration_windows(smollm2[1], calib_data or "austen", "train", n=3, seqlen=32,
+                                   seed=0)
+    assert torch.equal(seen["calib"], expected)
 
 
 # -- MiniLM: finefoods classification ---------------------------------------------------------

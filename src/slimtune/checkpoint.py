@@ -15,30 +15,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from slimtune.atomic import atomic_dir, check_writable
 from slimtune.layers import FactoredLinear
 from slimtune.targets import factored_layers
 
 FORMAT = 1
 MANIFEST = "slimtune.json"
-
-
-def _swap_in(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def merge_factored(model: nn.Module) -> int:
@@ -59,12 +46,8 @@ def save_model(model: nn.Module, tokenizer, out: str | os.PathLike, metadata: di
     An existing ``out`` raises ``FileExistsError`` unless ``overwrite``.
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    check_writable(out, overwrite)
+    with atomic_dir(out, overwrite) as tmp:
         if merge:
             merge_factored(model)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -77,10 +60,6 @@ def save_model(model: nn.Module, tokenizer, out: str | os.PathLike, metadata: di
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         elif metadata:
             (tmp / "slimtune-metadata.json").write_text(json.dumps(metadata, indent=1))
-        _swap_in(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -28,7 +28,8 @@ ADAPT_HELP = (
     "that trains in full, reviews truncated to --seqlen tokens (default 128); accuracy on the "
     "first --eval-examples test reviews. One optimiser step sees --batch x --grad-accum "
     "examples; AdamW with linear warmup then cosine decay, gradient clipping. Data-driven "
-    "methods get --calib-n calibration windows from the train split. --method full trains "
+    "methods get --calib-n calibration windows from the train split (or from --calib-data's). "
+    "--method full trains "
     "every parameter (reference; --r/--alpha/--targets are then unused).\n\n"
     "OUT ends up holding the adapter (adapter.json + adapter.safetensors, for "
     "slimtune.adapt.load; a Hugging Face model directory for --method full) and history.json "
@@ -92,6 +93,8 @@ def _check_data_installed(config: TrainConfig, fail) -> None:
 
     try:
         (load_classification if config.is_classification else load_text)(config.data, "train")
+        if config.calib_data is not None:
+            load_text(config.calib_data, "train")
     except (ValueError, FileNotFoundError) as err:
         fail(str(err))
 
@@ -133,6 +136,10 @@ def adapt_command(
     seed: int = typer.Option(_DEFAULT["seed"], "--seed", help="Data order, head init, RNG."),
     calib_n: int = typer.Option(_DEFAULT["calib_n"], "--calib-n",
                                 help="Calibration windows (data-driven methods only)."),
+    calib_data: Optional[str] = typer.Option(None, "--calib-data", show_default="the training "
+                                             "data", help="Calibrate data-driven methods on this "
+                                             "text's train split instead (austen, ptb): e.g. "
+                                             "corda --param mode=kpm on the knowledge to keep."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (must not exist unless "
                                                       "--resume)."),
     resume: bool = typer.Option(False, "--resume", help="Continue OUT's run from its latest "
@@ -170,12 +177,17 @@ def adapt_command(
         fail, data=task or data, steps=steps, batch=batch, grad_accum=grad_accum, seqlen=seqlen,
         lr=lr, warmup=warmup, max_grad_norm=max_grad_norm or None, weight_decay=weight_decay,
         eval_every=eval_every, eval_tokens=eval_tokens, eval_examples=eval_examples,
-        save_every=save_every, seed=seed, calib_n=calib_n)
+        save_every=save_every, seed=seed, calib_n=calib_n, calib_data=calib_data)
     if config.is_classification == _is_causal_lm(model):
         kind = "an encoder (e.g. minilm-l6)" if config.is_classification else \
             "a causal language model (e.g. smollm2-135m)"
         fail(f"{config.data} needs {kind}; {model} is not one")
-    from slimtune.train.loop import check_resume
+    from slimtune.train.loop import check_calibration, check_resume
+
+    try:
+        check_calibration(config, adapter)
+    except ValueError as err:
+        fail(f"--calib-data: {err}")
 
     try:
         check_resume(out, config, adapter, resume)

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from torch import nn
 
 from slimtune.adapt.factors import compute_dtype
 from slimtune.adapt.registry import AdapterConfig, get_method, make_config
+from slimtune.atomic import atomic_dir
 from slimtune.layers import FactoredLinear
 from slimtune.progress import progress_bar
 from slimtune.targets import factored_layers, match_targets
@@ -135,7 +134,6 @@ def save(model: nn.Module, out: str | os.PathLike, overwrite: bool = False) -> P
                                                or (out / CONFIG_FILE).is_file())):
         raise ValueError(f"refusing to overwrite {out}: it is not a slimtune adapter directory "
                          "(nor an empty one)")
-    out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in _adapter_state(model).items()}
     hf_config = getattr(model, "config", None)
     manifest = {"format": FORMAT, "config": config.model_dump(),
@@ -143,26 +141,9 @@ def save(model: nn.Module, out: str | os.PathLike, overwrite: bool = False) -> P
                 "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                 "layers": {n: layer.describe() for n, layer in layers.items()},
                 "trainable": sorted(trainable_parameters(model))}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         save_file(state, tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(manifest, indent=1))
-        old = None
-        if out.exists():  # set the old adapter aside until the new one is in place
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-        try:
-            os.replace(tmp, out)
-        except BaseException:
-            if old is not None:
-                os.replace(old / out.name, out)
-            raise
-        finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

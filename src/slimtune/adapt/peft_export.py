@@ -35,8 +35,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.adapt.factors import compute_dtype
+from slimtune.atomic import atomic_dir
 from slimtune.layers import DenseBase, FactoredLinear, LowRank, WeightNormScale
 from slimtune.targets import factored_layers
 
@@ -219,16 +218,7 @@ def to_peft(model: nn.Module, out: str | os.PathLike, overwrite: bool = False) -
 
     from safetensors.torch import save_file
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         save_file(state, tmp / PEFT_WEIGHTS, metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -45,6 +45,10 @@ class TrainConfig(BaseModel):
     save_every: int = Field(0, ge=0, description="checkpoint every K steps (0: never)")
     seed: int = Field(0, description="seeds the data order, the head and torch's global RNG")
     calib_n: int = Field(64, ge=1, description="calibration windows for data-driven methods")
+    calib_data: str | None = Field(None, description="text data set (austen, ptb) whose train "
+                                   "split calibrates data-driven methods (None: the training "
+                                   "data), e.g. CorDA's knowledge-preserved mode on the "
+                                   "knowledge to keep")
 
     @field_validator("data")
     @classmethod
@@ -52,6 +56,14 @@ class TrainConfig(BaseModel):
         known = [*TEXT_DATASETS, *CLASSIFICATION_DATASETS]
         if value not in known:
             raise ValueError(f"unknown data set {value!r}; valid: {', '.join(known)}")
+        return value
+
+    @field_validator("calib_data")
+    @classmethod
+    def _known_calib_data(cls, value: str | None) -> str | None:
+        if value is not None and value not in TEXT_DATASETS:
+            raise ValueError(f"unknown calibration text {value!r}; valid: "
+                             f"{', '.join(TEXT_DATASETS)}")
         return value
 
     @field_validator("betas")

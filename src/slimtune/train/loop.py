@@ -62,6 +62,14 @@ def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
     return float(norm)
 
 
+def check_calibration(config: TrainConfig, adapter: AdapterConfig | None) -> None:
+    """``calib_data`` is only for data-driven adapter methods (it would silently do nothing)."""
+    if config.calib_data is not None and (
+            adapter is None or not adapt.get_method(adapter.method).needs_calibration):
+        what = "full fine-tuning" if adapter is None else adapter.method
+        raise ValueError(f"calib_data={config.calib_data!r}: {what} uses no calibration data")
+
+
 def check_resume(out: str | os.PathLike, config: TrainConfig, adapter: AdapterConfig | None,
                  resume: bool) -> Path | None:
     """Check ``out`` for a run with these settings (cheap: reads no weights); return the
@@ -102,7 +110,7 @@ def _setup_model(model: nn.Module, task, config: TrainConfig, adapter: AdapterCo
         return files.restore_weights(model, checkpoint, adapter is not None)
     if adapter is None:
         return model.requires_grad_(True)
-    calib = (task.calibration(config.calib_n, config.seed)
+    calib = (task.calibration(config.calib_n, config.seed, config.calib_data)
              if adapt.get_method(adapter.method).needs_calibration else None)
     params = adapter.model_dump(exclude={"method"})
     adapt.apply(model, adapter.method, calib=calib, progress=progress, **params)
@@ -138,6 +146,7 @@ def train(model: nn.Module, task, config: TrainConfig, out: str | os.PathLike,
     returned model is the task's model around it (a classifier wraps an encoder). ``out`` must not
     hold files unless ``resume``; with ``resume`` and no checkpoint yet, training starts afresh.
     """
+    check_calibration(config, adapter)
     checkpoint = check_resume(out, config, adapter, resume)
     saved = files.read_state(checkpoint) if checkpoint is not None else None
     model = _setup_model(model, task, config, adapter, checkpoint, progress)

@@ -26,14 +26,13 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from slimtune import adapt
-from slimtune.checkpoint import _swap_in as swap_in
+from slimtune.atomic import atomic_dir
 
 CHECKPOINTS, STATE_FILE, RUN_FILE, ADAPTER_DIR = "checkpoints", "state.pt", "run.json", "adapter"
 FULL_WEIGHTS, HISTORY_FILE = "weights.safetensors", "history.json"
@@ -100,17 +99,10 @@ def write_checkpoint(out: str | os.PathLike, step: int, model: nn.Module, state:
     root = Path(out) / CHECKPOINTS
     root.mkdir(parents=True, exist_ok=True)
     target = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=root))
-    try:
+    with atomic_dir(target, overwrite=True) as tmp:
         _save_weights(model, tmp)
         torch.save(state, tmp / STATE_FILE)
         (tmp / RUN_FILE).write_text(json.dumps({"step": step, **run}, indent=1))
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old_step, path in checkpoints(out):
         if old_step != step:
             shutil.rmtree(path, ignore_errors=True)
@@ -147,10 +139,7 @@ def restore_weights(model: nn.Module, checkpoint: Path, with_adapter: bool) -> n
 def write_final(out: str | os.PathLike, model: nn.Module, tokenizer, history: dict) -> Path:
     """Replace ``out`` by the final weights plus ``history.json`` (see the module docstring)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.final-", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    try:
+    with atomic_dir(out, overwrite=True) as tmp:
         if has_adapter(model):
             adapt.save(model, tmp, overwrite=True)
         elif hasattr(model, "save_pretrained"):
@@ -163,8 +152,4 @@ def write_final(out: str | os.PathLike, model: nn.Module, tokenizer, history: di
             save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters()},
                       tmp / "model.safetensors")
         (tmp / HISTORY_FILE).write_text(json.dumps(history, indent=1))
-        swap_in(tmp, out, overwrite=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

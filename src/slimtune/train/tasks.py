@@ -7,7 +7,8 @@ The loop (:mod:`slimtune.train.loop`) knows nothing else about the model or the 
 - ``next_batch(n)``: the next ``n`` examples of the seeded training order; ``state_dict()`` /
   ``load_state_dict()`` save and restore the position in that order (for resuming).
 - ``loss(model, batch)``: the mean loss of a batch; ``evaluate(model)``: held-out metrics.
-- ``calibration(n, seed)``: ``[n, seqlen]`` token windows for data-driven adapter methods.
+- ``calibration(n, seed, data=None)``: ``[n, seqlen]`` token windows for data-driven adapter
+  methods (of the task's own training data, or of text data set ``data``'s train split).
 
 :class:`CausalLMTask` -- next-token prediction on random windows of ``seqlen`` tokens of a text
 data set's train split; evaluation is :func:`slimtune.evaluate.perplexity` on the first
@@ -151,10 +152,10 @@ class CausalLMTask:
         return {"perplexity": result["perplexity"], "nll": result["nll"],
                 "tokens": result["tokens"]}
 
-    def calibration(self, n: int, seed: int) -> torch.Tensor:
+    def calibration(self, n: int, seed: int, data: str | None = None) -> torch.Tensor:
         from slimtune.pipeline import calibration_windows
 
-        return calibration_windows(self.tokenizer, data=self.data, split="train", n=n,
+        return calibration_windows(self.tokenizer, data=data or self.data, split="train", n=n,
                                    seqlen=self.seqlen, seed=seed)
 
     def state_dict(self) -> dict:
@@ -205,8 +206,14 @@ class ClassificationTask:
         return accuracy(model, self.tokenizer, self.test_texts, self.test_labels,
                         batch_size=EVAL_BATCH, max_length=self.seqlen)
 
-    def calibration(self, n: int, seed: int) -> torch.Tensor:
-        """Windows of the training reviews joined into one token stream."""
+    def calibration(self, n: int, seed: int, data: str | None = None) -> torch.Tensor:
+        """Windows of the training reviews joined into one token stream (or of text ``data``'s
+        train split)."""
+        if data is not None:
+            from slimtune.pipeline import calibration_windows
+
+            return calibration_windows(self.tokenizer, data=data, split="train", n=n,
+                                       seqlen=self.seqlen, seed=seed)
         return random_windows(tokenize_text(self.tokenizer, "\n".join(self.texts)), n,
                               self.seqlen, seed)
 
