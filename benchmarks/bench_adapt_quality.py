@@ -22,7 +22,8 @@ Columns: method, lr, trainable parameters, median step seconds (wall time: run o
 machine), peak RSS (MB, of the row's process at the end of training; ``none``: after evaluation),
 the task metric(s), and the training loss at steps 10, 50 and the last (single batches, but the
 same batch for every row at a given step, so rows compare directly: convergence speed; step 1 is
-the same for every method, as each starts as the base model). The whole loss curve is stored.
+the same for every method, as each starts as the base model), and the mean training loss over the
+first quarter of the steps and over all of them. The whole loss curve is stored.
 
 Results are appended to a JSON-lines file (one line per row); rows already there with the same
 task, method, lr and settings are skipped, so an interrupted grid resumes where it stopped.
@@ -193,8 +194,9 @@ def fmt(value, spec: str) -> str:
 def print_table(rows: list[dict], task: str, steps: int) -> None:
     at = loss_steps(steps)
     metric = ("Austen ppl", "PTB ppl") if task == "austen" else ("accuracy",)
+    early = max(1, steps // 4)
     cols = ("method", "lr", "trainable", "step s", "peak RSS MB", *metric,
-            *[f"loss@{k}" for k in at])
+            *[f"loss@{k}" for k in at], f"mean loss 1-{early}", f"mean loss 1-{steps}")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
@@ -202,6 +204,8 @@ def print_table(rows: list[dict], task: str, steps: int) -> None:
         values = ([fmt(r.get("ppl_austen"), ".2f"), fmt(r.get("ppl_ptb"), ".2f")]
                   if task == "austen" else [fmt(r.get("accuracy"), ".3f")])
         loss_cells = [fmt(losses[k - 1] if len(losses) >= k else None, ".4f") for k in at]
+        loss_cells += [fmt(sum(losses[:n]) / n if len(losses) >= n else None, ".4f")
+                       for n in (early, steps)]
         print(f"| {r['method']} | {fmt(r['lr'], 'g')} | {r['trainable']:,} | "
               f"{fmt(r['step_s'], '.2f')} | {r['peak_rss_mb']:.0f} | "
               + " | ".join(values + loss_cells) + " |")
