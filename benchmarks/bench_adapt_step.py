@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench_common import append_row, first_blocks, read_rows
+from bench_common import alternate, append_row, first_blocks, read_rows
 
 DEFAULT_RESULTS = Path(__file__).with_name("results") / "adapt_step.jsonl"
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -97,20 +97,12 @@ def run(args) -> dict:
           f"{args.steps} timed steps per model, alternating", flush=True)
 
     names = list(models)
-    times = {n: [] for n in names}
-    first_loss, last = {}, {}
-    for rnd in range(args.warmup + args.steps):
-        order = names[rnd % len(names):] + names[:rnd % len(names)]
-        for name in order:
-            model, optimizer, _ = models[name]
-            seconds, loss = step(model, optimizer, ids)
-            first_loss.setdefault(name, loss)
-            last[name] = seconds
-            if rnd >= args.warmup:
-                times[name].append(seconds)
-        print(f"round {rnd + 1}{' (warm-up)' if rnd < args.warmup else ''}: "
-              + ", ".join(f"{n} {last[n]:.2f} s" for n in names),
-              file=sys.stderr, flush=True)
+
+    def run_step(name: str, number: int) -> tuple[float, float]:
+        model, optimizer, _ = models[name]
+        return step(model, optimizer, ids)
+
+    times, first_loss = alternate(names, args.warmup, args.steps, run_step)
     return {"settings": {"batch": args.batch, "seqlen": args.seqlen, "steps": args.steps,
                          "warmup": args.warmup, "rank": args.rank, "alpha": args.alpha,
                          "layers": args.layers or 30, "lr": LR, "seed": args.seed},

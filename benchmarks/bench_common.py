@@ -1,9 +1,12 @@
-"""Helpers shared by the benchmark scripts: cutting a model to its first blocks (smoke tests) and
-the JSON-lines result files (one row per run, appended; read back for ``--table``)."""
+"""Helpers shared by the benchmark scripts: cutting a model to its first blocks (smoke tests),
+timing models in alternating rounds, and the JSON-lines result files (one row per run, appended;
+read back for ``--table``)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
+from typing import Callable
 
 
 def first_blocks(model, n: int):
@@ -27,3 +30,24 @@ def read_rows(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def alternate(names: list[str], warmup: int, steps: int,
+              run: Callable[[str, int], tuple[float, float]]) -> tuple[dict, dict]:
+    """Call ``run(name, round)`` -> ``(seconds, loss)`` for every name in every one of
+    ``warmup + steps`` rounds (round numbers from 1), the order rotated by one each round so that
+    none is always first; print each round to stderr. Returns ``(times, first_loss)``: the
+    seconds of the timed rounds and the loss of the first round, per name."""
+    times = {n: [] for n in names}
+    first_loss, last = {}, {}
+    for rnd in range(warmup + steps):
+        order = names[rnd % len(names):] + names[:rnd % len(names)]
+        for name in order:
+            seconds, loss = run(name, rnd + 1)
+            first_loss.setdefault(name, loss)
+            last[name] = seconds
+            if rnd >= warmup:
+                times[name].append(seconds)
+        print(f"round {rnd + 1}{' (warm-up)' if rnd < warmup else ''}: "
+              + ", ".join(f"{n} {last[n]:.2f} s" for n in names), file=sys.stderr, flush=True)
+    return times, first_loss

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimtune.atomic import atomic_dir, check_writable
+from slimtune.atomic import atomic_dir
 from slimtune.layers import FactoredLinear
 from slimtune.targets import factored_layers
 
@@ -46,7 +46,6 @@ def save_model(model: nn.Module, tokenizer, out: str | os.PathLike, metadata: di
     An existing ``out`` raises ``FileExistsError`` unless ``overwrite``.
     """
     out = Path(out)
-    check_writable(out, overwrite)
     with atomic_dir(out, overwrite) as tmp:
         if merge:
             merge_factored(model)
