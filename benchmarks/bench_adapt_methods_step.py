@@ -50,7 +50,7 @@ def build(base, method: str, calib, args):
     if method == "full":
         model.requires_grad_(True)
     else:
-        needs = adapt.get_method(method).needs_calibration
+        needs = adapt.needs_calibration(method)
         adapt.apply(model, method, r=args.rank, alpha=args.alpha, calib=calib if needs else None,
                     progress=False)
     model.train()
@@ -77,7 +77,7 @@ def step(model, optimizer, params, ids, with_adapter: bool, number: int) -> tupl
 
 def run(args) -> dict:
     from slimtune.models import load_model
-    from slimtune.pipeline import calibration_windows
+    from slimtune.calib import calibration_windows
 
     torch.manual_seed(args.seed)
     base, tok = load_model("smollm2-135m")

@@ -73,7 +73,7 @@ def step(model, optimizer, ids) -> tuple[float, float]:
 
 def run(args) -> dict:
     from slimtune.models import load_model
-    from slimtune.pipeline import calibration_windows
+    from slimtune.calib import calibration_windows
 
     if args.threads:
         torch.set_num_threads(args.threads)

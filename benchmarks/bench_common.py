@@ -11,7 +11,7 @@ from typing import Callable
 
 def first_blocks(model, n: int):
     """``model`` cut to its first ``n`` transformer blocks (in place; smoke tests)."""
-    from slimtune.pipeline import find_blocks
+    from slimtune.calib import find_blocks
 
     path, blocks = find_blocks(model)
     parent, _, child = path.rpartition(".")

@@ -57,12 +57,12 @@ def run_one(config: dict, args) -> dict:
     """Compress and measure one configuration in this process."""
     import torch
 
-    from slimtune.checkpoint import save_model
+    from slimtune.io.checkpoint import save_model
     from slimtune.data import load_text
     from slimtune.evaluate import bytes_on_disk, parameter_count, peak_rss_mb, perplexity, tokenize_text
     from slimtune.models import load_model
-    from slimtune.pipeline import calibration_windows, run_pipeline
-    from slimtune.recipe import build_steps, load_recipe
+    from slimtune.calib import calibration_windows, run_pipeline
+    from slimtune.compress.recipe import build_steps, load_recipe
 
     model, tok = load_model("smollm2-135m")
     ptb = tokenize_text(tok, load_text("ptb", "test"))

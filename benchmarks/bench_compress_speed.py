@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from slimtune.compress.lowrank import factored_linear
+from slimtune.compress.lowrank.steps import factored_linear
 from slimtune.data import load_text
 from slimtune.evaluate import parameter_count, tokenize_text
 from slimtune.models import load_model

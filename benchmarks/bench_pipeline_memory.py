@@ -1,6 +1,6 @@
 """Peak memory of the layer-by-layer pipeline: it must not grow with depth.
 
-Runs ``slimtune.pipeline.run_pipeline`` on SmolLM2-135M with one local step that needs ``"gram"``
+Runs ``slimtune.calib.run_pipeline`` on SmolLM2-135M with one local step that needs ``"gram"``
 on all 7 projections of every block (X^T X in float64, as svd_llm accumulates it) and returns
 each layer unchanged, on N × seqlen random PTB-train windows. Reports the pipeline's peak RSS next
 to the expected working set
@@ -44,7 +44,7 @@ import torch
 
 from slimtune.evaluate import peak_rss_mb
 from slimtune.models import load_model
-from slimtune.pipeline import calibration_windows, find_blocks, run_pipeline
+from slimtune.calib import calibration_windows, find_blocks, run_pipeline
 
 MB = 1024 * 1024
 

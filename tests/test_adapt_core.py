@@ -72,7 +72,7 @@ def test_unknown_method_is_refused_naming_the_known_ones(block):
 ])
 def test_bad_parameters_are_refused_naming_the_argument(block, method, params, named):
     snap = snapshot(block)
-    with pytest.raises(ValueError, match=rf"^{method}: .*\b{named}\b"):
+    with pytest.raises(ValueError, match=rf"^adapter \({method}\): .*\b{named}\b"):
         adapt.apply(block, method, progress=False, **params)
     assert_untouched(block, snap)
 
@@ -100,9 +100,10 @@ def calib_method(monkeypatch):
         calls.append((list(names), calib))
         return {}
 
-    method = registry.Method("calib-test", registry.AdapterConfig, lora_init_layer, prepare)
-    monkeypatch.setitem(registry._METHODS, "calib-test", method)
-    return calls
+    registry.METHODS.register("calib-test", registry.AdapterConfig, init_layer=lora_init_layer,
+                              prepare=prepare)
+    yield calls
+    registry.METHODS.unregister("calib-test")
 
 
 def test_data_driven_methods_need_and_check_calibration_data(block, calib_method):

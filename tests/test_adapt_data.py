@@ -16,15 +16,16 @@ import torch
 from torch import nn
 
 import slimtune.adapt as adapt
-import slimtune.block_runner
+import slimtune.calib.blocks
 from slimtune.adapt import corda, eva
 from slimtune.adapt.registry import make_config
 from slimtune.layers import FactoredLinear
-from slimtune.pipeline import calibration_windows
+from slimtune.calib import calibration_windows
 from slimtune.targets import match_targets
 from slimtune.weights.covariance import covariance_svd, damped_inverse
 from slimtune.weights.incremental import IncrementalPCA, fix_component_signs
 from slimtune.weights.stats import InputStatistics
+from slimtune.weights.svd import balanced_split
 
 R = 4
 FEW = r"model\.layers\.[0-2]\.self_attn\.(q|v)_proj"
@@ -294,7 +295,7 @@ def test_corda_top_component_maximises_w_c_v(smol3):
     C = X.mT @ X / len(X)
     config = make_config("corda", r=R, precision="float64")
     f = corda.context_factors(W, C, config)
-    A, _ = adapt.factors.split_sqrt(f.U, f.S, f.V.mT, config.scale)
+    A, _ = balanced_split(f.U, f.S, f.V.mT, config.scale)
     C_d, _, _ = damped_inverse(C)
     WC = W.double() @ C_d
     v = A[0] @ C_d
@@ -317,8 +318,8 @@ def test_corda_scale_of_c_changes_only_the_split(smol3):
     config = make_config("corda", r=R, precision="float64")
     a = corda.context_factors(W, C, config)
     b = corda.context_factors(W, 100.0 * C, config)
-    Aa, Ba = adapt.factors.split_sqrt(a.U, a.S, a.V.mT, config.scale)
-    Ab, Bb = adapt.factors.split_sqrt(b.U, b.S, b.V.mT, config.scale)
+    Aa, Ba = balanced_split(a.U, a.S, a.V.mT, config.scale)
+    Ab, Bb = balanced_split(b.U, b.S, b.V.mT, config.scale)
     assert fro_rel(Bb @ Ab, Ba @ Aa) < 1e-10
     assert fro_rel(Ab, Aa / 10) < 1e-10 and fro_rel(Bb, Ba * 10) < 1e-10
 
@@ -335,7 +336,7 @@ def test_corda_holds_one_blocks_statistics_at_a_time(smol3, calib, monkeypatch):
             live.add(self)
             made.append(len(live))
 
-    monkeypatch.setattr(slimtune.block_runner, "InputStatistics", Tracked)
+    monkeypatch.setattr(slimtune.calib.blocks, "InputStatistics", Tracked)
     monkeypatch.setattr(corda, "InputStatistics", Tracked)
     model = copy.deepcopy(smol3)
     targets = r"model\.layers\.[01]\..*"

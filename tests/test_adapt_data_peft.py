@@ -13,8 +13,9 @@ from torch import nn
 import slimtune.adapt as adapt
 from slimtune.adapt import corda, eva
 from slimtune.adapt.registry import make_config
-from slimtune.pipeline import calibration_windows
+from slimtune.calib import calibration_windows
 from slimtune.targets import match_targets
+from slimtune.weights.svd import balanced_split
 from test_adapt_data import (FEW, R, base_logits, calib, fro_rel, inputs,  # noqa: F401
                              layer_inputs, logits, rel, smol3, subspace_gap, text_ids)
 
@@ -69,7 +70,7 @@ def check_corda_parity(base, window, targets, layers, text_ids, mode="ipm"):
         peft_base = peft_layer.base_layer.weight
         C = peft_layer.base_layer.covariance_matrix
         f = corda.context_factors(W, C, config)
-        A1, B1 = adapt.factors.split_sqrt(f.U, f.S, f.V.mT, config.scale)
+        A1, B1 = balanced_split(f.U, f.S, f.V.mT, config.scale)
         note("same C: A", fro_rel(A1, A))
         note("same C: B", fro_rel(B1, B))
         note("same C: base", fro_rel(W - config.scale * B1 @ A1, peft_base))

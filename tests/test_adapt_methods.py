@@ -47,7 +47,7 @@ def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def is_data_driven(method: str) -> bool:
-    return adapt.get_method(method).prepare is not None
+    return adapt.needs_calibration(method)
 
 
 @contextlib.contextmanager
@@ -74,7 +74,7 @@ def perturbed(model: nn.Module, seed: int = 0):
 # -- fixtures ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ptb_windows(smollm2):
-    from slimtune.pipeline import calibration_windows
+    from slimtune.calib import calibration_windows
 
     _, tok = smollm2
     return calibration_windows(tok, "ptb", "train", n=3, seqlen=64, seed=0)
@@ -248,7 +248,7 @@ def test_all_linear_start_and_trainable_set(method, smollm2, calib, base_logits,
 
 @pytest.fixture(scope="module")
 def minilm_windows(minilm):
-    from slimtune.pipeline import calibration_windows
+    from slimtune.calib import calibration_windows
 
     return calibration_windows(minilm[1], "ptb", "train", n=3, seqlen=32, seed=0)
 

@@ -18,7 +18,7 @@ R = 8
 
 def init(method: str, linear: nn.Linear, **params):
     config = make_config(method, r=R, **params)
-    return adapt.get_method(method).init_layer("layer", linear, config, None)
+    return adapt.get_method(method).hook("init_layer")("layer", linear, config, None)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -92,7 +92,7 @@ def test_milora_factors_span_the_minor_singular_subspace(q_proj):
 @pytest.mark.parametrize("method", ["milora", "olora", "svfit", "sorsa"])
 def test_factorising_methods_reject_r_beyond_the_layer(method, q_proj):
     with pytest.raises(ValueError, match="r=600"):
-        adapt.get_method(method).init_layer("layer", q_proj, make_config(method, r=600), None)
+        adapt.get_method(method).hook("init_layer")("layer", q_proj, make_config(method, r=600), None)
 
 
 # -- OLoRA -------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """atomic_dir: the one helper behind every directory the library writes."""
 import pytest
 
-from slimtune.atomic import atomic_dir
+from slimtune.io.atomic import atomic_dir
 
 
 def test_new_directory_appears_only_on_success(tmp_path):
@@ -38,7 +38,7 @@ def test_failure_keeps_the_old_directory_and_cleans_up(tmp_path):
 
 
 def test_failed_rename_puts_the_old_directory_back(tmp_path, monkeypatch):
-    import slimtune.atomic as atomic
+    import slimtune.io.atomic as atomic
 
     out = tmp_path / "out"
     out.mkdir()
@@ -56,3 +56,19 @@ def test_failed_rename_puts_the_old_directory_back(tmp_path, monkeypatch):
             (tmp / "new.txt").write_text("new")
     assert [p.name for p in out.iterdir()] == ["old.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_atomic_file_replaces_only_on_success(tmp_path):
+    from slimtune.io.atomic import atomic_file
+
+    path = tmp_path / "plots" / "table.json"
+    with atomic_file(path) as tmp:
+        assert tmp.parent == path.parent and tmp.suffix == ".json" and not path.exists()
+        tmp.write_text("new")
+    assert path.read_text() == "new"
+    with pytest.raises(RuntimeError, match="halfway"):
+        with atomic_file(path) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("halfway")
+    assert path.read_text() == "new"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["table.json"]

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from slimtune.checkpoint import MANIFEST, save_model
+from slimtune.io.checkpoint import MANIFEST, save_model
 from slimtune.layers import FactoredLinear, LowRank
 from slimtune.targets import factored_layers, replace_linears
 from slimtune.models import ModelNotFoundError, load_model

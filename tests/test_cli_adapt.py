@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from slimtune import adapt
 from slimtune.cli import app
-from slimtune.cli_adapt import parse_targets
+from slimtune.cli.adapt import parse_targets
 from slimtune.evaluate import perplexity
 from slimtune.train.tasks import split_ids
 
@@ -51,8 +51,8 @@ def test_help_lists_the_options():
     ([*LM, "--lr", "0"], "--lr"),
     ([*LM, "--seqlen", "1"], "--seqlen"),
     ([*LM, "--steps", "5", "--warmup", "9"], "warmup (9) exceeds steps (5)"),
-    ([*LM, "--r", "0"], "lora: r"),
-    ([*LM, "--param", "dropout=0.1"], "lora: dropout"),
+    ([*LM, "--r", "0"], "adapter (lora): r"),
+    ([*LM, "--param", "dropout=0.1"], "adapter (lora): dropout"),
     ([*LM, "--param", "rslora"], "key=value"),
     ([*LM, "--param", "r=4"], "use --r"),
     (["adapt", "-m", "smollm2-135m", "--method", "full", "--data", "ptb", "-p", "x=1"],

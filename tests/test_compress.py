@@ -11,19 +11,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtune.compress.allocation import (
+from slimtune.compress.lowrank.allocation import (
     CurvePoint, allocate_by_loss, budget, kept_params, loss_curve, truncation_losses, welore_ranks)
-from slimtune.compress.asvd import activation_aware_factors
-from slimtune.compress.fwsvd import fisher_weighted_factors
-from slimtune.compress.lowrank import AllocatedLowRankStep, LowRankStep, factored_linear
-from slimtune.compress.svd import svd_factors
-from slimtune.compress.svd_llm import whitened_factors
+from slimtune.compress import METHODS as COMPRESS_METHODS
+from slimtune.compress.lowrank.config import LowRankConfig
+from slimtune.compress.lowrank.fwsvd import fisher_weighted_factors
+from slimtune.compress.lowrank.steps import AllocatedLowRankStep, LowRankStep, factored_linear
+from slimtune.compress.lowrank.svd import svd_factors
+from slimtune.compress.lowrank.svd_llm import whitened_factors
 from slimtune.layers import FactoredLinear
-from slimtune.recipe import build_steps, load_recipe
+from slimtune.compress.recipe import build_steps, load_recipe
 from slimtune.weights.stats import InputStatistics
 from slimtune.weights.svd import rank_for_ratio
 
-METHODS = ["svd", "fwsvd", "asvd", "svd_llm"]
+# every registered low-rank method (a new one joins the matrix below by registering itself)
+METHODS = [n for n in COMPRESS_METHODS.names()
+           if issubclass(COMPRESS_METHODS.get(n).config, LowRankConfig)]
 LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 
@@ -73,17 +76,6 @@ def step_for(method, ratio=0.5, **extra):
     return build_steps(load_recipe([{"method": method, "ratio": ratio, **extra}]))[0]
 
 
-def factors_for(method, W, stats, rank=None):
-    """The method's own factorisation (what it claims the rank-k matrix is)."""
-    if method == "svd":
-        return svd_factors(W, rank)
-    if method == "fwsvd":
-        return fisher_weighted_factors(W, stats.fisher, rank)
-    if method == "asvd":
-        return activation_aware_factors(W, stats.inputs.mean_abs(), 0.5, rank)
-    return whitened_factors(W, stats.inputs.gram(), 1e-4, rank)
-
-
 def with_bias(linear, seed=0):
     """A copy of a real (bias-free) SmolLM2 linear with a random bias added."""
     new = nn.Linear(linear.in_features, linear.out_features, bias=True)
@@ -116,7 +108,7 @@ def test_method_replaces_a_real_layer_with_the_rank_k_matrix_it_claims(method, l
     assert new.lowrank.A.dtype == new.lowrank.B.dtype == torch.float32
     assert step.report[name] == {"rank": k, "params": k * (m + n), "dense_params": m * n}
 
-    U, S, Vh = factors_for(method, linear.weight, stats, k)
+    U, S, Vh = step.factorise(linear.weight, stats, k)  # the method's own rank-k claim
     Wk = ((U * S) @ Vh).float()
     x = layer1.X[:64]
     expected = F.linear(x, Wk, linear.bias)

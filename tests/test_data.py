@@ -1,4 +1,4 @@
-"""Real-data tests for slimtune.data and slimtune.rlazyload (the installed PyPI/Debian data sets)."""
+"""Real-data tests for slimtune.data and slimtune.io.rlazyload (the installed PyPI/Debian data sets)."""
 import bz2
 import lzma
 import struct
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from slimtune import data
-from slimtune.rlazyload import decompress_chunk, read_index, read_lazyload
+from slimtune.io.rlazyload import decompress_chunk, read_index, read_lazyload
 
 
 @pytest.fixture(scope="module")

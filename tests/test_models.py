@@ -73,3 +73,21 @@ def test_fresh_conversion_matches_cached_weights(tmp_path, smollm2):
     ids = tok("Emma Woodhouse, handsome, clever, and rich", return_tensors="pt").input_ids
     with torch.inference_mode():
         assert torch.equal(fresh(ids).logits, smollm2[0](ids).logits)
+
+
+def test_causal_lm_is_told_by_the_models_own_class_and_config(smollm2, minilm, tmp_path):
+    """One rule (``*ForCausalLM``), for loaded models, configs, config.json dicts and, before
+    loading, for registered names and model directories."""
+    import json
+
+    from slimtune.models import is_causal_lm, model_architectures
+
+    assert is_causal_lm(smollm2[0]) and is_causal_lm(smollm2[0].config)
+    assert not is_causal_lm(minilm[0]) and not is_causal_lm(minilm[0].config)
+    assert is_causal_lm({"architectures": ["MistralForCausalLM"]})
+    assert not is_causal_lm({"architectures": None}) and not is_causal_lm(None)
+    assert model_architectures("smollm2-135m") == list(smollm2[0].config.architectures)
+    assert model_architectures("minilm-l6") == list(minilm[0].config.architectures)
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    assert model_architectures(tmp_path) == ["GPT2LMHeadModel"]
+    assert not is_causal_lm(model_architectures(tmp_path))

@@ -30,7 +30,7 @@ def adapted(base, method, calib):
     name = "lora" if method == "rslora" else method
     need(name)
     params = {"rslora": True} if method == "rslora" else {}
-    needs_calib = adapt.get_method(name).needs_calibration
+    needs_calib = adapt.needs_calibration(name)
     return ours(base, name, calib=calib if needs_calib else None, **params)
 
 
@@ -156,7 +156,7 @@ def test_cli_export_peft_bad_input_exits_2(tmp_path):
 
 
 def test_recorded_cache_path_of_a_registered_model_resolves(tmp_path):
-    from slimtune.cli_peft import base_model_of
+    from slimtune.cli.export_peft import base_model_of
 
     gone = str(tmp_path / "elsewhere" / "models" / "smollm2-135m")
     assert base_model_of({"base_model": gone}, tmp_path) == "smollm2-135m"

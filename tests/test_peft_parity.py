@@ -126,7 +126,7 @@ def base_logits(base, ids):
 
 @pytest.fixture(scope="module")
 def calib(smollm2):
-    from slimtune.pipeline import calibration_windows
+    from slimtune.calib import calibration_windows
 
     return calibration_windows(smollm2[1], "ptb", "train", n=1, seqlen=128, seed=0)
 

@@ -10,7 +10,7 @@ from slimtune.data import load_text
 from slimtune.evaluate import tokenize_text
 from slimtune.layers import FactoredLinear, LowRank
 from slimtune.targets import replace_linears
-from slimtune.pipeline import (LayerStats, UnsupportedArchitectureError, calibration_windows,
+from slimtune.calib import (LayerStats, UnsupportedArchitectureError, calibration_windows,
                                find_blocks, fisher_diagonals, run_pipeline)
 from slimtune.weights.stats import InputStatistics
 
@@ -241,7 +241,7 @@ def test_fisher_diagonals(smollm2, minilm, lm_windows):
 
 
 def test_heap_is_trimmed_after_every_block(smollm2, lm_windows, monkeypatch):
-    import slimtune.pipeline as pipeline
+    import slimtune.calib.pipeline as pipeline
 
     calls = []
     monkeypatch.setattr(pipeline, "trim_heap", lambda: calls.append(1) or True)
@@ -287,3 +287,18 @@ def test_layers_fed_the_same_tensor_share_one_statistics_object(smollm2, lm_wind
         assert o["gate_proj"] is o["up_proj"]
         assert len({id(v) for v in o.values()}) == 4  # qkv, o, gate/up, down
         assert o["q_proj"].n_tokens == o["down_proj"].n_tokens == lm_windows.numel()
+
+
+def test_sample_windows_is_seeded_distinct_and_offset_on_request():
+    from slimtune.calib import sample_windows
+
+    ids = torch.arange(1000)
+    w = sample_windows(ids, 5, 64, seed=3)
+    assert torch.equal(w, sample_windows(ids, 5, 64, seed=3)) and w.shape == (5, 64)
+    starts = sorted(int(r[0]) for r in w)
+    assert all(torch.equal(r, torch.arange(int(r[0]), int(r[0]) + 64)) for r in w)  # contiguous
+    assert all(b - a >= 64 for a, b in zip(starts, starts[1:]))  # non-overlapping
+    aligned = sample_windows(ids, 15, 64, seed=3, random_offset=False)
+    assert all(int(r[0]) % 64 == 0 for r in aligned)  # slots start at 0 without the offset
+    with pytest.raises(ValueError, match=r"from reviews \(1000 tokens\); got n=16"):
+        sample_windows(ids, 16, 64, source="reviews")

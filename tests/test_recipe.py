@@ -6,9 +6,10 @@ import pytest
 from pydantic import BaseModel
 from torch import nn
 
-from slimtune.compress.lowrank import AllocatedLowRankStep, LowRankStep
-from slimtune.recipe import (
-    RecipeError, build_steps, check_targets, known_methods, load_recipe, method_config, register)
+from slimtune.compress.lowrank.steps import AllocatedLowRankStep, LowRankStep
+from slimtune.compress.recipe import (
+    RecipeError, build_steps, check_targets, known_methods, load_recipe, method_config)
+from slimtune.compress.registry import METHODS
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -142,15 +143,16 @@ def test_register_adds_a_method():
         method: str
         targets: str = "all-linear"
 
-    @register("nop_for_test", NopConfig)
     def build(config):
         return ("built", config.targets)
 
+    METHODS.register("nop_for_test", NopConfig, build=build)
     try:
         assert "nop_for_test" in known_methods()
         assert build_steps(load_recipe("- {method: nop_for_test, targets: x}")) == [("built", "x")]
         with pytest.raises(ValueError, match="already registered"):
-            register("nop_for_test", NopConfig)(lambda c: None)
+            METHODS.register("nop_for_test", NopConfig, build=lambda c: None)
+        with pytest.raises(ValueError, match="missing hooks"):
+            METHODS.register("nop_without_build", NopConfig)
     finally:
-        from slimtune import recipe
-        recipe._METHODS.pop("nop_for_test")
+        METHODS.unregister("nop_for_test")

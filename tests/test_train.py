@@ -236,14 +236,16 @@ def test_method_hooks_are_called(minilm, monkeypatch, tmp_path):
         return 0.0 * sum(p.sum() for p in adapt.trainable_parameters(model).values()) + 0.25
 
     lora = registry.get_method("lora")
-    monkeypatch.setitem(registry._METHODS, "hooked", registry.Method(
-        "hooked", registry.AdapterConfig, lora.init_layer, loss=loss,
-        after_step=lambda model, config, step: calls.append(step)))
+    registry.METHODS.register("hooked", registry.AdapterConfig, init_layer=lora.hook("init_layer"),
+                              loss=loss, after_step=lambda model, config, step: calls.append(step))
     encoder, tok = minilm
     task = ClassificationTask(tok, "finefoods", seqlen=32, eval_examples=8)
     config = make_train_config(data="finefoods", steps=3, batch=2, seqlen=32, eval_examples=8)
-    _, history = train(copy.deepcopy(encoder), task, config, tmp_path / "run",
-                       adapter=make_config("hooked", r=2), progress=False)
+    try:
+        _, history = train(copy.deepcopy(encoder), task, config, tmp_path / "run",
+                           adapter=make_config("hooked", r=2), progress=False)
+    finally:
+        registry.METHODS.unregister("hooked")
     assert calls == [1, 2, 3]
     assert [r["extra_loss"] for r in history["steps"]] == [0.25] * 3
 
@@ -252,7 +254,7 @@ def test_method_hooks_are_called(minilm, monkeypatch, tmp_path):
 def test_data_driven_methods_calibrate_on_calib_data(smollm2, lm_task, monkeypatch, tmp_path,
                                                      calib_data):
     """CorDA's kpm collects the knowledge to keep: calib_data replaces the training text."""
-    from slimtune.pipeline import calibration_windows
+    from slimtune.calib import calibration_windows
     from slimtune.train import loop
 
     seen = {}

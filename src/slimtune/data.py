@@ -8,7 +8,7 @@ Text (:func:`load_text`, returns one string):
   Returned: the split's non-blank lines, exactly as in the file (each keeps its leading and
   trailing space), joined with ``"\\n"`` (no trailing newline).
 * ``austen`` -- six Jane Austen novels from the Debian package ``r-cran-janeaustenr`` (the objects
-  behind its ``austen_books()``), read from its R lazy-load database with :mod:`slimtune.rlazyload`.
+  behind its ``austen_books()``), read from its R lazy-load database with :mod:`slimtune.io.rlazyload`.
   Each novel is a vector of Gutenberg lines (blank lines included). Fixed split: for a novel of
   ``n`` lines the LAST ``n // 10`` lines (10%, rounded down) are ``test`` and the first
   ``n - n // 10`` are ``train``. Returned: each novel's part joined with ``"\\n"``, the six parts
@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from slimtune.rlazyload import read_lazyload
+from slimtune.io.rlazyload import read_lazyload
 
 TEXT_DATASETS: dict[str, tuple[str, ...]] = {"ptb": ("train", "valid", "test"), "austen": ("train", "test")}
 CLASSIFICATION_DATASETS: dict[str, tuple[str, ...]] = {"finefoods": ("train", "test")}

@@ -22,13 +22,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from slimtune.adapt.registry import make_config
+from slimtune.adapt import make_config
 from slimtune.analyze.spectra import layer_spectra, plot_spectra
+from slimtune.calib import calibration_windows, run_pipeline
+from slimtune.compress import build_steps, load_recipe
 from slimtune.data import load_text
 from slimtune.evaluate import parameter_count, peak_rss_mb, perplexity, tokenize_text
 from slimtune.models import load_model
-from slimtune.pipeline import calibration_windows, run_pipeline
-from slimtune.recipe import build_steps, load_recipe
 from slimtune.train import build_task, make_train_config, train
 
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "svd_llm.yaml"

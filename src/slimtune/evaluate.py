@@ -45,7 +45,7 @@ def tokenize_text(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _model_device(model: nn.Module) -> torch.device:
+def model_device(model: nn.Module) -> torch.device:
     first = next(model.parameters(), None)
     return first.device if first is not None else torch.device("cpu")
 
@@ -76,7 +76,7 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int = 512,
         raise ValueError(f"need at least seqlen={seqlen} tokens for one window, got {ids.numel()}"
                          + ("" if max_tokens is None else f" (max_tokens={max_tokens})"))
 
-    windows = ids[: n_windows * seqlen].view(n_windows, seqlen).to(_model_device(model))
+    windows = ids[: n_windows * seqlen].view(n_windows, seqlen).to(model_device(model))
     # Targets are the windows shifted left by one; the last position of each window has no target.
     targets = torch.roll(windows, shifts=-1, dims=1)
     targets[:, -1] = -100  # cross_entropy's ignore_index: lets the logits stay a contiguous view
@@ -128,7 +128,7 @@ def accuracy(model: nn.Module, tokenizer, texts: Sequence[str], labels: Sequence
     if not texts:
         raise ValueError("no texts to classify")
     label_ids = torch.as_tensor(list(labels), dtype=torch.long)
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     model.eval()
     correct = 0

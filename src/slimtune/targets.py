@@ -1,20 +1,49 @@
 """Selecting the linear layers of a model and swapping them for factored ones.
 
-``match_targets`` turns a target spec (``"all-linear"``, a list of names, or a regex) into module
-names; ``replace_linears`` puts a new module at each; ``factored_layers`` lists the
-``FactoredLinear`` layers a model holds.
+``check_target_spec`` validates a target spec (``"all-linear"``, a list of names, or a regex)
+without a model (config validators call it); ``match_targets`` turns one into module names;
+``set_module`` puts a module at a name (the only place that does); ``replace_linears`` puts a new
+module at each selected name; ``factored_layers`` lists the ``FactoredLinear`` layers a model
+holds and ``merge_factored`` turns them back into plain ``nn.Linear`` layers.
 """
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from torch import nn
 
 from slimtune.layers import FactoredLinear
 
-# -- --------------------------------------------------------------
 Targets = str | Iterable[str]
+
+
+def check_target_spec(value: Any) -> Any:
+    """``'all-linear'``, a non-empty regex string, or a non-empty list of non-empty names."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("must be 'all-linear', a regex or a list of names; "
+                             "got an empty string")
+        if value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"{value!r} is neither 'all-linear' nor a valid regex ({err})")
+        return value
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError("must be 'all-linear', a regex or a list of names; got an empty list")
+        bad = [v for v in value if not isinstance(v, str) or not v.strip()]
+        if bad:
+            raise ValueError(f"every name in the list must be a non-empty string; got {bad[0]!r}")
+        return list(value)
+    raise ValueError(f"must be 'all-linear', a regex or a list of names; got {value!r}")
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the dotted ``name`` inside ``model`` (replacing what is there)."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def output_layer_names(model: nn.Module) -> set[str]:
@@ -72,13 +101,19 @@ def replace_linears(model: nn.Module, targets: Targets = "all-linear",
     factory = factory or (lambda name, linear: FactoredLinear.from_linear(linear))
     replaced = {}
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        new = factory(name, getattr(parent, child))
-        setattr(parent, child, new)
+        new = factory(name, model.get_submodule(name))
+        set_module(model, name, new)
         replaced[name] = new
     return replaced
 
 
 def factored_layers(model: nn.Module) -> dict[str, FactoredLinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, FactoredLinear)}
+
+
+def merge_factored(model: nn.Module) -> int:
+    """Replace every ``FactoredLinear`` in ``model`` by its dense ``nn.Linear``; returns the count."""
+    layers = factored_layers(model)
+    for name, layer in layers.items():
+        set_module(model, name, layer.to_dense())
+    return len(layers)

@@ -1,12 +1,13 @@
 """Adapter methods (the LoRA family) on ``FactoredLinear``: ``apply``, ``save``, ``load``,
-``merge``; one module per method registers itself on import (see :mod:`.registry`)."""
+``merge``, ``to_peft``. One module per method registers itself in :data:`.registry.METHODS` at
+the bottom of its own file; importing this package imports each of them once."""
+from slimtune.adapt import corda, dora, eva, lora, milora, olora, pissa, sorsa, svfit  # noqa: F401
 from slimtune.adapt.api import (adapter_config, after_step, apply, extra_loss, load, merge,
                                 read_manifest, save, trainable_parameters)
-from slimtune.adapt.registry import AdapterConfig, get_method, known_methods, register
-from slimtune.adapt.peft_export import to_peft
+from slimtune.adapt.registry import (METHODS, AdapterConfig, get_method, known_methods,
+                                     make_config, needs_calibration)
+from slimtune.export.peft import to_peft
 
-from slimtune.adapt import corda, dora, eva, lora, milora, olora, pissa, sorsa, svfit  # noqa: E402,F401
-
-__all__ = ["AdapterConfig", "adapter_config", "after_step", "apply", "extra_loss", "get_method",
-           "known_methods", "load", "merge", "read_manifest", "register", "save",
-           "to_peft", "trainable_parameters"]
+__all__ = ["METHODS", "AdapterConfig", "adapter_config", "after_step", "apply", "extra_loss",
+           "get_method", "known_methods", "load", "make_config", "merge", "needs_calibration",
+           "read_manifest", "save", "to_peft", "trainable_parameters"]

@@ -21,20 +21,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimtune.adapt.factors import compute_dtype
 from slimtune.adapt.registry import AdapterConfig, get_method, make_config
-from slimtune.atomic import atomic_dir
+from slimtune.io.atomic import atomic_dir
 from slimtune.layers import FactoredLinear
 from slimtune.progress import progress_bar
-from slimtune.targets import factored_layers, match_targets
+from slimtune.targets import factored_layers, match_targets, merge_factored, set_module
+from slimtune.weights.precision import compute_dtype
 
 FORMAT = 1
 CONFIG_FILE, WEIGHTS_FILE = "adapter.json", "adapter.safetensors"
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def adapter_config(model: nn.Module) -> AdapterConfig:
@@ -66,22 +61,23 @@ def apply(model: nn.Module, method: str, r: int = 16, alpha: float = 32.0,
         if config.r > min(linear.in_features, linear.out_features):
             raise ValueError(f"{method}: r={config.r} exceeds min(out, in) = "
                              f"{min(linear.in_features, linear.out_features)} of {name}")
-    if m.needs_calibration and calib is None:
+    prepare, init_layer = m.hook("prepare"), m.hook("init_layer")
+    if prepare is not None and calib is None:
         raise ValueError(f"{method} is data-driven: pass calib=<LongTensor [n, seqlen] of token "
-                         "windows> (e.g. slimtune.pipeline.calibration_windows)")
-    if not m.needs_calibration and calib is not None:
+                         "windows> (e.g. slimtune.calib.calibration_windows)")
+    if prepare is None and calib is not None:
         raise ValueError(f"{method} does not use calibration data; drop calib=")
     if calib is not None and (calib.ndim != 2 or calib.dtype != torch.long):
         raise ValueError(f"calib must be a LongTensor [n, seqlen], got {calib.dtype} "
                          f"{tuple(calib.shape)}")
-    prepared = m.prepare(model, names, config, calib, progress=progress) if m.prepare else {}
+    prepared = prepare(model, names, config, calib, progress=progress) if prepare else {}
     for p in model.parameters():
         p.requires_grad_(False)
     bar, task = progress_bar(len(names), f"{method} init (r={config.r})", progress)
     with bar:
         for name in names:
             linear = model.get_submodule(name)
-            _set_module(model, name, m.init_layer(name, linear, config, prepared.get(name)))
+            set_module(model, name, init_layer(name, linear, config, prepared.get(name)))
             bar.advance(task)
     model.slimtune_adapter = {"config": config.model_dump(), "layers": names}
     return model
@@ -94,13 +90,13 @@ def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
 def extra_loss(model: nn.Module) -> torch.Tensor | None:
     """The method's training-loss term (SORSA's regulariser) or None."""
     config = adapter_config(model)
-    loss = get_method(config.method).loss
+    loss = get_method(config.method).hook("loss")
     return None if loss is None else loss(model, config)
 
 
 def after_step(model: nn.Module, step: int) -> None:
     config = adapter_config(model)
-    hook = get_method(config.method).after_step
+    hook = get_method(config.method).hook("after_step")
     if hook is not None:
         hook(model, config, step)
 
@@ -219,7 +215,7 @@ def load(base: nn.Module, path: str | os.PathLike) -> nn.Module:
             layer.base.weight.data = W.data
         if layer.bias is not None:
             layer.bias.data = linear.bias.data
-        _set_module(base, name, layer)
+        set_module(base, name, layer)
     for k, v in rest.items():
         params[k].data = v.to(params[k])
     params = dict(base.named_parameters())
@@ -233,7 +229,6 @@ def load(base: nn.Module, path: str | os.PathLike) -> nn.Module:
 @torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
     """Fold every adapted layer into a plain ``nn.Linear`` (in place); returns the model."""
-    for name, layer in factored_layers(model).items():
-        _set_module(model, name, layer.to_dense())
+    merge_factored(model)
     model.slimtune_adapter = None
     return model

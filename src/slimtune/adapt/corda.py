@@ -13,7 +13,7 @@ IPM ("instruction-previewed") adapts the components that the task data excites m
 that data relies on and adapts the least used ones. The output at step 0 equals the original
 model's. The paper reports Llama-2-7B GSM8K: IPA 54.59, KPA 45.64, LoRA 42.68.
 
-Memory: the covariances are streamed layer by layer through :func:`slimtune.pipeline.run_pipeline`
+Memory: the covariances are streamed layer by layer through :func:`slimtune.calib.run_pipeline`
 (one block's input statistics at a time; layers fed the same input share them); only the rank-r
 factors of each layer are kept. Targets outside the block list (a BERT pooler) get theirs from one
 hooked forward pass over ``calib`` (only those layers' statistics).
@@ -44,11 +44,12 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from slimtune.adapt.factors import adapted_linear, split_sqrt
-from slimtune.adapt.registry import AdapterConfig, register
-from slimtune.pipeline import LayerStats, find_blocks, run_pipeline
+from slimtune.adapt.factors import adapted_linear
+from slimtune.adapt.registry import METHODS, AdapterConfig
+from slimtune.calib import LayerStats, find_blocks, run_pipeline
 from slimtune.weights.covariance import covariance_svd, damped_inverse
 from slimtune.weights.stats import InputStatistics
+from slimtune.weights.svd import balanced_split
 
 
 class CorDAConfig(AdapterConfig):
@@ -146,8 +147,8 @@ def init_layer(name: str, linear: nn.Linear, config: CorDAConfig, prepared: CorD
     if prepared is None:
         raise ValueError(f"corda: no covariance factors for {name}; use slimtune.adapt.apply "
                          "with calib=")
-    A, B = split_sqrt(prepared.U, prepared.S, prepared.V.mT, config.scale)
+    A, B = balanced_split(prepared.U, prepared.S, prepared.V.mT, config.scale)
     return adapted_linear(linear, A, B, config.scale, residual=True)
 
 
-register("corda", CorDAConfig, init_layer, prepare=prepare)
+METHODS.register("corda", CorDAConfig, init_layer=init_layer, prepare=prepare)

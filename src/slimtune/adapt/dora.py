@@ -22,7 +22,7 @@ from torch import nn
 
 from slimtune.adapt.factors import adapted_linear
 from slimtune.adapt.lora import lora_factors
-from slimtune.adapt.registry import AdapterConfig, register
+from slimtune.adapt.registry import METHODS, AdapterConfig
 from slimtune.layers import WeightNormScale
 
 
@@ -44,4 +44,4 @@ def init_layer(name: str, linear: nn.Linear, config: DoRAConfig, prepared=None):
     return adapted_linear(linear, A, B, config.scale, transform=WeightNormScale(magnitude))
 
 
-register("dora", DoRAConfig, init_layer)
+METHODS.register("dora", DoRAConfig, init_layer=init_layer)

@@ -41,7 +41,8 @@ from pydantic import Field
 from torch import nn
 
 from slimtune.adapt.factors import adapted_linear
-from slimtune.adapt.registry import AdapterConfig, register
+from slimtune.adapt.registry import METHODS, AdapterConfig
+from slimtune.calib import SameInput
 from slimtune.progress import progress_bar
 from slimtune.weights.incremental import IncrementalPCA
 
@@ -97,16 +98,16 @@ class _Stream:
         self.pca: dict[str, IncrementalPCA] = {}
         self.converged: dict[str, torch.Tensor] = {}
         self.batches: dict[str, int] = {}
-        self.seen: dict = {}  # tensors met in the current forward (first batch only)
+        self.seen = SameInput()  # tensors met in the current forward (first batch only)
 
     def on_input(self, name: str, module, args) -> None:
         x = args[0]
         if name not in self.leader:  # first batch: group layers fed the very same tensor
-            key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
-            if key in self.seen:
-                self.leader[name] = self.seen[key][1]
+            leader = self.seen.lookup(x)
+            if leader is not None:
+                self.leader[name] = leader
                 return
-            self.seen[key] = (x, name)  # holding x keeps its address from being reused
+            self.seen.remember(x, name)
             self.leader[name] = name
         c = self.config
         pca = self.pca.setdefault(name, IncrementalPCA(c.max_rank, c.svd, c.niter, c.seed))
@@ -204,4 +205,4 @@ def init_layer(name: str, linear: nn.Linear, config: EVAConfig, prepared: EvaIni
     return adapted_linear(linear, prepared.A, B, layer_scale(config, rank))
 
 
-register("eva", EVAConfig, init_layer, prepare=prepare)
+METHODS.register("eva", EVAConfig, init_layer=init_layer, prepare=prepare)

@@ -23,11 +23,8 @@ import torch
 from torch import Tensor, nn
 
 from slimtune.layers import DenseBase, FactoredLinear, LowRank
+from slimtune.weights.precision import compute_dtype
 from slimtune.weights.svd import gram_svd, randomized_svd, truncated_svd
-
-
-def compute_dtype(weight: Tensor) -> torch.dtype:
-    return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
 def init_weight(linear: nn.Linear, r: int, method: str) -> Tensor:
@@ -94,11 +91,3 @@ def adapted_linear(linear: nn.Linear, A: Tensor, B: Tensor, scale: float, *,
     bias = None if linear.bias is None else linear.bias.data
     return FactoredLinear(linear.in_features, linear.out_features, base=base, lowrank=lowrank,
                           bias=bias, transform=transform, origin=origin)
-
-
-def split_sqrt(U: Tensor, S: Tensor, Vh: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """``(A, B)`` with ``scale·B·A = U·diag(S)·Vh``: ``A = sqrt(S/scale)·Vh``,
-    ``B = U·sqrt(S/scale)`` (PiSSA's balanced split, singular values divided by the scale so
-    that the scaled product is the principal part itself)."""
-    root = (S / scale).clamp_min(0).sqrt()
-    return root[:, None] * Vh, U * root

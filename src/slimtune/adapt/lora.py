@@ -16,8 +16,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from slimtune.adapt.factors import adapted_linear, compute_dtype, kaiming_uniform_A, layer_generator
-from slimtune.adapt.registry import AdapterConfig, register
+from slimtune.adapt.factors import adapted_linear, kaiming_uniform_A, layer_generator
+from slimtune.adapt.registry import METHODS, AdapterConfig
+from slimtune.weights.precision import compute_dtype
 
 
 class LoRAConfig(AdapterConfig):
@@ -41,4 +42,4 @@ def init_layer(name: str, linear: nn.Linear, config: LoRAConfig, prepared=None):
     return adapted_linear(linear, A, B, config.scale)
 
 
-register("lora", LoRAConfig, init_layer)
+METHODS.register("lora", LoRAConfig, init_layer=init_layer)

@@ -21,9 +21,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from slimtune.adapt.factors import adapted_linear, init_weight, split_sqrt
-from slimtune.adapt.registry import AdapterConfig, register
-from slimtune.weights.svd import truncated_svd
+from slimtune.adapt.factors import adapted_linear, init_weight
+from slimtune.adapt.registry import METHODS, AdapterConfig
+from slimtune.weights.svd import balanced_split, truncated_svd
 
 
 class MiLoRAConfig(AdapterConfig):
@@ -42,8 +42,8 @@ def minor_factors(linear: nn.Linear, r: int):
 @torch.no_grad()
 def init_layer(name: str, linear: nn.Linear, config: MiLoRAConfig, prepared=None):
     U, S, Vh = minor_factors(linear, config.r)
-    A, B = split_sqrt(U, S, Vh, config.scale)
+    A, B = balanced_split(U, S, Vh, config.scale)
     return adapted_linear(linear, A, B, config.scale, residual=True)
 
 
-register("milora", MiLoRAConfig, init_layer)
+METHODS.register("milora", MiLoRAConfig, init_layer=init_layer)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from slimtune.adapt.factors import adapted_linear, init_weight
-from slimtune.adapt.registry import AdapterConfig, register
+from slimtune.adapt.registry import METHODS, AdapterConfig
 
 
 class OLoRAConfig(AdapterConfig):
@@ -39,4 +39,4 @@ def init_layer(name: str, linear: nn.Linear, config: OLoRAConfig, prepared=None)
     return adapted_linear(linear, A, B, config.scale, residual=True)
 
 
-register("olora", OLoRAConfig, init_layer)
+METHODS.register("olora", OLoRAConfig, init_layer=init_layer)

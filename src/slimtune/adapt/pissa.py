@@ -20,8 +20,9 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from slimtune.adapt.factors import adapted_linear, split_sqrt, top_singular
-from slimtune.adapt.registry import AdapterConfig, register
+from slimtune.adapt.factors import adapted_linear, top_singular
+from slimtune.adapt.registry import METHODS, AdapterConfig
+from slimtune.weights.svd import balanced_split
 
 
 class PiSSAConfig(AdapterConfig):
@@ -37,8 +38,8 @@ class PiSSAConfig(AdapterConfig):
 def init_layer(name: str, linear: nn.Linear, config: PiSSAConfig, prepared=None):
     U, S, Vh = top_singular(linear, config.r, "pissa", config.svd, config.niter, config.oversample,
                             config.seed)
-    A, B = split_sqrt(U, S, Vh, config.scale)
+    A, B = balanced_split(U, S, Vh, config.scale)
     return adapted_linear(linear, A, B, config.scale, residual=True)
 
 
-register("pissa", PiSSAConfig, init_layer)
+METHODS.register("pissa", PiSSAConfig, init_layer=init_layer)

@@ -1,9 +1,10 @@
 """The adapter-method registry and the config fields every adapter method shares.
 
 A method is one module in ``slimtune/adapt/`` that defines a pydantic config (subclass of
-:class:`AdapterConfig`) and plain functions, and registers them::
+:class:`AdapterConfig`) and plain functions, and registers them at the bottom of its file in
+:data:`METHODS` (a :class:`slimtune.registry.Registry`)::
 
-    register("pissa", PiSSAConfig, init_layer=init_layer)
+    METHODS.register("pissa", PiSSAConfig, init_layer=init_layer)
 
 - ``init_layer(name, linear, config, prepared) -> FactoredLinear`` (required): the adapted layer
   for one ``nn.Linear``; ``prepared`` is this layer's entry of ``prepare``'s result (or None).
@@ -21,12 +22,15 @@ The scale of the low-rank part is ``alpha / r`` (``alpha / sqrt(r)`` with ``rslo
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from slimtune.recipe import check_target_spec
+from slimtune.registry import Entry, Registry
+from slimtune.targets import check_target_spec
+
+METHODS = Registry("adapter method", required=("init_layer",),
+                   optional=("prepare", "loss", "after_step"))
 
 
 class AdapterConfig(BaseModel):
@@ -51,50 +55,19 @@ class AdapterConfig(BaseModel):
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    config: type[AdapterConfig]
-    init_layer: Callable
-    prepare: Callable | None = None
-    loss: Callable | None = None
-    after_step: Callable | None = None
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.prepare is not None
-
-
-_METHODS: dict[str, Method] = {}
-
-
-def register(name: str, config: type[AdapterConfig], init_layer: Callable, *,
-             prepare: Callable | None = None, loss: Callable | None = None,
-             after_step: Callable | None = None) -> Method:
-    if name in _METHODS and _METHODS[name].init_layer is not init_layer:
-        raise ValueError(f"adapter method {name!r} is already registered")
-    _METHODS[name] = Method(name, config, init_layer, prepare, loss, after_step)
-    return _METHODS[name]
-
-
 def known_methods() -> list[str]:
-    return sorted(_METHODS)
+    return METHODS.names()
 
 
-def get_method(name: str) -> Method:
-    if name not in _METHODS:
-        raise ValueError(f"unknown adapter method {name!r}; known: {', '.join(known_methods())}")
-    return _METHODS[name]
+def get_method(name: str) -> Entry:
+    return METHODS.get(name)
+
+
+def needs_calibration(name: str) -> bool:
+    """Whether method ``name`` is data-driven (has a ``prepare`` hook that needs ``calib``)."""
+    return METHODS.get(name).hook("prepare") is not None
 
 
 def make_config(method: str, **params: Any) -> AdapterConfig:
-    """Validate ``params`` for ``method``; errors name the method and the offending key."""
-    from pydantic import ValidationError
-
-    m = get_method(method)
-    try:
-        return m.config(method=method, **params)
-    except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}"
-                             for e in err.errors())
-        raise ValueError(f"{method}: {problems}") from None
+    """Validate ``params`` for ``method``; errors read ``adapter (<method>): <key>: <problem>``."""
+    return METHODS.make_config(method, "adapter", **params)

@@ -25,9 +25,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from slimtune.adapt.factors import adapted_linear, compute_dtype, top_singular
-from slimtune.adapt.registry import AdapterConfig, register
+from slimtune.adapt.factors import adapted_linear, top_singular
+from slimtune.adapt.registry import METHODS, AdapterConfig
 from slimtune.targets import factored_layers
+from slimtune.weights.precision import compute_dtype
 
 
 class SORSAConfig(AdapterConfig):
@@ -64,4 +65,4 @@ def orthonormal_loss(model: nn.Module, config: SORSAConfig) -> torch.Tensor:
     return config.gamma * torch.stack(terms).sum()
 
 
-register("sorsa", SORSAConfig, init_layer, loss=orthonormal_loss)
+METHODS.register("sorsa", SORSAConfig, init_layer=init_layer, loss=orthonormal_loss)

@@ -23,7 +23,7 @@ from pydantic import Field
 from torch import nn
 
 from slimtune.adapt.factors import adapted_linear, top_singular
-from slimtune.adapt.registry import AdapterConfig, register
+from slimtune.adapt.registry import METHODS, AdapterConfig
 
 
 class SVFitConfig(AdapterConfig):
@@ -45,4 +45,4 @@ def init_layer(name: str, linear: nn.Linear, config: SVFitConfig, prepared=None)
                           train_B=False, train_core=True)
 
 
-register("svfit", SVFitConfig, init_layer)
+METHODS.register("svfit", SVFitConfig, init_layer=init_layer)

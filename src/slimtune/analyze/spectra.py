@@ -16,12 +16,12 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from slimtune.io.atomic import atomic_file
 from slimtune.layers import FactoredLinear
 from slimtune.targets import Targets, match_targets
 from slimtune.progress import progress_bar
@@ -90,26 +90,12 @@ def rows_as_json(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "singular_values"} for row in rows]
 
 
-def _replace_atomically(path: Path, write) -> Path:
-    """Call ``write(tmp_path)`` on a temp file next to ``path``, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_spectra_json(rows: list[dict], path: str | os.PathLike) -> Path:
     """Write the rows (without singular values) as a JSON list, atomically."""
     text = json.dumps(rows_as_json(rows), indent=1)
-    return _replace_atomically(Path(path), lambda tmp: Path(tmp).write_text(text + "\n"))
+    with atomic_file(path) as tmp:
+        tmp.write_text(text + "\n")
+    return Path(path)
 
 
 def plot_spectra(rows: list[dict], path: str | os.PathLike, title: str | None = None) -> Path:
@@ -156,4 +142,6 @@ def plot_spectra(rows: list[dict], path: str | os.PathLike, title: str | None = 
         fig.colorbar(colours, ax=list(axes[:len(types)]), label="layer depth", shrink=0.8)
     if title:
         fig.suptitle(title)
-    return _replace_atomically(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return Path(path)

@@ -8,9 +8,12 @@ steps (see :mod:`slimtune.train.schedule`).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from slimtune.data import CLASSIFICATION_DATASETS, TEXT_DATASETS
+from slimtune.registry import validate
 
 LM_SEQLEN, CLASSIFICATION_SEQLEN = 256, 128
 MAX_CLASSIFICATION_SEQLEN = 512  # BERT-family position embeddings
@@ -103,14 +106,9 @@ class TrainConfig(BaseModel):
                       if k not in RESUME_FREE_FIELDS and now.get(k) != saved.get(k))
 
 
-def make_train_config(**fields) -> TrainConfig:
-    """``TrainConfig(**fields)`` with pydantic's errors turned into one ``ValueError`` line that
-    names each offending field."""
-    from pydantic import ValidationError
-
-    try:
-        return TrainConfig(**fields)
-    except ValidationError as err:
-        problems = "; ".join(("".join(f"{p}." for p in e["loc"])[:-1] + ": " if e["loc"] else "")
-                             + e["msg"].removeprefix("Value error, ") for e in err.errors())
-        raise ValueError(problems) from None
+def make_train_config(method: str | None = None, key: Callable[[str], str] = str,
+                      **fields) -> TrainConfig:
+    """``TrainConfig(**fields)``, or a :class:`slimtune.registry.ConfigError` (a ``ValueError``)
+    with one ``training (<method>): <key>: <problem>`` line per problem; ``method`` (the adapter
+    method, or ``full``) and ``key`` (how a field is named, e.g. as a CLI flag) only word it."""
+    return validate(TrainConfig, fields, "training", method, key)

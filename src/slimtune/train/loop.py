@@ -65,7 +65,7 @@ def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
 def check_calibration(config: TrainConfig, adapter: AdapterConfig | None) -> None:
     """``calib_data`` is only for data-driven adapter methods (it would silently do nothing)."""
     if config.calib_data is not None and (
-            adapter is None or not adapt.get_method(adapter.method).needs_calibration):
+            adapter is None or not adapt.needs_calibration(adapter.method)):
         what = "full fine-tuning" if adapter is None else adapter.method
         raise ValueError(f"calib_data={config.calib_data!r}: {what} uses no calibration data")
 
@@ -111,7 +111,7 @@ def _setup_model(model: nn.Module, task, config: TrainConfig, adapter: AdapterCo
     if adapter is None:
         return model.requires_grad_(True)
     calib = (task.calibration(config.calib_n, config.seed, config.calib_data)
-             if adapt.get_method(adapter.method).needs_calibration else None)
+             if adapt.needs_calibration(adapter.method) else None)
     params = adapter.model_dump(exclude={"method"})
     adapt.apply(model, adapter.method, calib=calib, progress=progress, **params)
     for name in task.full_train_modules:

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from slimtune import adapt
-from slimtune.atomic import atomic_dir
+from slimtune.io.atomic import atomic_dir
 
 CHECKPOINTS, STATE_FILE, RUN_FILE, ADAPTER_DIR = "checkpoints", "state.pt", "run.json", "adapter"
 FULL_WEIGHTS, HISTORY_FILE = "weights.safetensors", "history.json"
@@ -143,7 +143,7 @@ def write_final(out: str | os.PathLike, model: nn.Module, tokenizer, history: di
         if has_adapter(model):
             adapt.save(model, tmp, overwrite=True)
         elif hasattr(model, "save_pretrained"):
-            from slimtune.checkpoint import save_model
+            from slimtune.io.checkpoint import save_model
 
             save_model(model, tokenizer, tmp, overwrite=True)
         else:

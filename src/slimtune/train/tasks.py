@@ -24,7 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slimtune.evaluate import accuracy, perplexity, tokenize_text
+from slimtune.calib import calibration_windows, sample_windows
+from slimtune.evaluate import accuracy, model_device, perplexity, tokenize_text
+from slimtune.models import is_causal_lm
 from slimtune.train.classifier import SequenceClassifier
 from slimtune.train.config import TrainConfig
 
@@ -64,26 +66,6 @@ class EpochOrder:
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
-
-
-def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    archs = getattr(getattr(model, "config", None), "architectures", None) or []
-    return type(model).__name__.endswith("ForCausalLM") or any(
-        a.endswith("ForCausalLM") for a in archs)
-
-
-def random_windows(ids: torch.Tensor, n: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``n`` distinct non-overlapping windows ``[n, seqlen]`` of ``ids``, chosen with ``seed``."""
-    slots = ids.numel() // seqlen
-    if not 1 <= n <= slots:
-        raise ValueError(f"need 1 <= n <= {slots} windows of {seqlen} tokens; got n={n}")
-    g = torch.Generator().manual_seed(seed)
-    grid = ids[:slots * seqlen].view(slots, seqlen)
-    return grid[torch.randperm(slots, generator=g)[:n]].clone()
 
 
 _SPLIT_IDS: dict[tuple, torch.Tensor] = {}
@@ -129,7 +111,7 @@ class CausalLMTask:
         return offset + torch.randperm(slots, generator=g) * self.seqlen
 
     def prepare_model(self, model: nn.Module, seed: int = 0) -> nn.Module:
-        if not _is_causal_lm(model):
+        if not is_causal_lm(model):
             raise ValueError(f"{self.data} is causal-LM training: the model must be a causal "
                              f"language model (e.g. smollm2-135m), got {type(model).__name__}")
         return model
@@ -139,7 +121,7 @@ class CausalLMTask:
         return {"input_ids": torch.stack([self.train_ids[s:s + self.seqlen] for s in starts.tolist()])}
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        ids = batch["input_ids"].to(_device(model))
+        ids = batch["input_ids"].to(model_device(model))
         logits = model(input_ids=ids, use_cache=False).logits
         targets = torch.roll(ids, shifts=-1, dims=1)
         targets[:, -1] = -100  # the last position has no next token
@@ -153,8 +135,6 @@ class CausalLMTask:
                 "tokens": result["tokens"]}
 
     def calibration(self, n: int, seed: int, data: str | None = None) -> torch.Tensor:
-        from slimtune.pipeline import calibration_windows
-
         return calibration_windows(self.tokenizer, data=data or self.data, split="train", n=n,
                                    seqlen=self.seqlen, seed=seed)
 
@@ -182,7 +162,7 @@ class ClassificationTask:
         self.order = EpochOrder(lambda g: torch.randperm(n, generator=g), seed)
 
     def prepare_model(self, model: nn.Module, seed: int = 0) -> nn.Module:
-        if _is_causal_lm(model):
+        if is_causal_lm(model):
             raise ValueError(f"{self.data} is sequence classification: the model must be an "
                              f"encoder (e.g. minilm-l6), got {type(model).__name__}")
         return SequenceClassifier(model, self.n_classes, seed=seed)
@@ -198,7 +178,7 @@ class ClassificationTask:
         return batch
 
     def loss(self, model: nn.Module, batch: dict) -> torch.Tensor:
-        device = _device(model)
+        device = model_device(model)
         inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
         return F.cross_entropy(model(**inputs).logits, batch["labels"].to(device))
 
@@ -210,12 +190,11 @@ class ClassificationTask:
         """Windows of the training reviews joined into one token stream (or of text ``data``'s
         train split)."""
         if data is not None:
-            from slimtune.pipeline import calibration_windows
-
             return calibration_windows(self.tokenizer, data=data, split="train", n=n,
                                        seqlen=self.seqlen, seed=seed)
-        return random_windows(tokenize_text(self.tokenizer, "\n".join(self.texts)), n,
-                              self.seqlen, seed)
+        return sample_windows(tokenize_text(self.tokenizer, "\n".join(self.texts)), n,
+                              self.seqlen, seed, random_offset=False,
+                              source=f"{self.data}/train reviews")
 
     def state_dict(self) -> dict:
         return self.order.state_dict()

@@ -23,6 +23,7 @@ Routines and what they are for:
   ``||(W - W_r) L||_F = ||X (W - W_r)^T||_F`` (the layer's output error on the calibration
   inputs ``X``) and the loss of dropping singular value ``i`` of ``W L`` is exactly ``sigma_i^2``.
 - :func:`whitening_factor` -- the robust (damped, with fallbacks) Cholesky factor ``L`` for the above.
+- :func:`balanced_split` -- factors ``(A, B)`` of ``U diag(S) Vh`` with ``sqrt(S)`` on both sides.
 - :func:`rank_for_ratio`, :func:`rank_for_energy` -- pick ``r`` from a parameter budget or an
   energy target; :func:`stable_rank`, :func:`effective_rank` (Roy & Vetterli 2007) and
   :func:`energy_kept` -- scalar summaries of a spectrum.
@@ -41,11 +42,9 @@ import warnings
 
 import torch
 
+from slimtune.weights.precision import compute_dtype
+
 SVDFactors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-
-
-def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _check_matrix_and_rank(W: torch.Tensor, r: int) -> None:
@@ -73,7 +72,7 @@ def truncated_svd(W: torch.Tensor, r: int) -> SVDFactors:
     ``S_r`` descending and the deterministic sign convention of this module.
     """
     _check_matrix_and_rank(W, r)
-    A = W.detach().to(_compute_dtype(W))
+    A = W.detach().to(compute_dtype(W))
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
     U_r, Vh_r = _fix_signs(U[:, :r], Vh[:r])
     return U_r, S[:r].clone(), Vh_r
@@ -88,7 +87,7 @@ def gram_svd(W: torch.Tensor, r: int) -> SVDFactors:
     Same return convention and dtype as :func:`truncated_svd`.
     """
     _check_matrix_and_rank(W, r)
-    out_dtype = _compute_dtype(W)
+    out_dtype = compute_dtype(W)
     A = W.detach().to(torch.float64)
     wide = A.shape[0] <= A.shape[1]
     G = A @ A.mT if wide else A.mT @ A
@@ -118,7 +117,7 @@ def randomized_svd(W: torch.Tensor, r: int, oversample: int = 10, n_iter: int = 
     _check_matrix_and_rank(W, r)
     if oversample < 0 or n_iter < 0:
         raise ValueError(f"oversample and n_iter must be >= 0, got {oversample}, {n_iter}")
-    A = W.detach().to(_compute_dtype(W))
+    A = W.detach().to(compute_dtype(W))
     m, n = A.shape
     sketch_size = min(r + oversample, m, n)
     generator = torch.Generator(device=A.device)
@@ -163,7 +162,7 @@ def scaled_svd(W: torch.Tensor, S: torch.Tensor, r: int, kind: str, method: str 
     if method not in ("exact", "randomized"):
         raise ValueError(f"method must be 'exact' or 'randomized', got {method!r}")
     n = W.shape[1]
-    dtype = _compute_dtype(W, S)
+    dtype = compute_dtype(W, S)
     A = W.detach().to(dtype)
     scale = S.detach().to(device=A.device, dtype=dtype)
     if kind == "diag":
@@ -240,6 +239,18 @@ def whitening_factor(C: torch.Tensor, damp: float = 1e-2, max_tries: int = 6,
     L = R.mT
     signs = torch.sign(L.diagonal())
     return L * torch.where(signs == 0, torch.ones_like(signs), signs)
+
+
+def balanced_split(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor,
+                   scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` with ``scale·B·A = U·diag(S)·Vh``: ``A = sqrt(S/scale)·Vh``, ``B = U·sqrt(S/scale)``.
+
+    The square root of the spectrum goes to both factors, so neither carries the whole scale
+    (SVD compression's storage split; PiSSA's adapter init, whose low-rank scale ``s`` divides the
+    singular values so that the scaled product is the principal part itself).
+    """
+    root = (S / scale).clamp_min(0).sqrt()
+    return root[:, None] * Vh, U * root
 
 
 def rank_for_ratio(m: int, n: int, ratio: float) -> int:

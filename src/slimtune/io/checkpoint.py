@@ -20,22 +20,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from slimtune.atomic import atomic_dir
+from slimtune.io.atomic import atomic_dir
 from slimtune.layers import FactoredLinear
-from slimtune.targets import factored_layers
+from slimtune.targets import factored_layers, merge_factored, set_module
 
 FORMAT = 1
 MANIFEST = "slimtune.json"
-
-
-def merge_factored(model: nn.Module) -> int:
-    """Replace every ``FactoredLinear`` in ``model`` by its dense ``nn.Linear``; returns the count."""
-    layers = factored_layers(model)
-    for name, layer in layers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, layer.to_dense())
-    return len(layers)
 
 
 def save_model(model: nn.Module, tokenizer, out: str | os.PathLike, metadata: dict | None = None,
@@ -78,9 +68,7 @@ def load_factored(path: str | os.PathLike, model_cls, dtype: torch.dtype = torch
     config = AutoConfig.from_pretrained(path)
     model = model_cls.from_config(config, dtype=dtype)
     for name, description in manifest["layers"].items():
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, FactoredLinear.from_description(description, dtype=dtype))
+        set_module(model, name, FactoredLinear.from_description(description, dtype=dtype))
     state = {}
     for file in sorted(path.glob("*.safetensors")):
         state.update(load_file(file))

@@ -1,7 +1,7 @@
 """``slimtune export-peft``: turn a saved slimtune adapter into a Hugging Face PEFT LoRA adapter.
 
 Argument checking and printing only; the conversion is :func:`slimtune.adapt.to_peft`. Registered
-on the typer app by importing this module from :mod:`slimtune.cli`.
+on the typer app when :mod:`slimtune.cli` imports this module.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from slimtune.cli import MODEL_HELP, app, fail, load_or_fail, stdout
+from slimtune.cli.app import MODEL_HELP, app, fail, load_or_fail, stdout
 
 EXPORT_PEFT_HELP = (
     "Export a slimtune adapter (a directory written by slimtune.adapt.save) as a PEFT LoRA adapter "

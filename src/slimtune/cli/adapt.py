@@ -1,19 +1,19 @@
 """``slimtune adapt``: fine-tune a model with an adapter method (or in full) and save the result.
 
-Registered on the ``slimtune`` app in :mod:`slimtune.cli`. Like the other commands it only parses,
+Like the other commands it only parses,
 validates and prints: every argument (method and its parameters, training settings, data set,
 model/task fit, output directory) is checked before the model is loaded, and bad input prints one
 ``error: ...`` line and exits with code 2. The work is :func:`slimtune.train.train`.
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from slimtune.cli.app import app, check_model, fail, load_or_fail, stdout
 from slimtune.train.config import TrainConfig
 
 _DEFAULT = {name: field.default for name, field in TrainConfig.model_fields.items()}
@@ -67,27 +67,6 @@ def parse_params(items: List[str], fail) -> dict:
     return params
 
 
-def _is_causal_lm(model: str) -> bool:
-    """From the model's config.json alone (no loading)."""
-    from slimtune.models import MODEL_NAMES
-
-    if model in MODEL_NAMES:
-        return model == "smollm2-135m"
-    config = json.loads((Path(model).expanduser() / "config.json").read_text())
-    return any(a.endswith("ForCausalLM") for a in config.get("architectures") or [])
-
-
-def _train_config(fail, **fields) -> TrainConfig:
-    from pydantic import ValidationError
-
-    try:
-        return TrainConfig(**fields)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = "".join(f"--{p}".replace("_", "-") for p in first["loc"][:1])
-        fail(f"{where + ': ' if where else ''}{first['msg'].removeprefix('Value error, ')}")
-
-
 def _check_data_installed(config: TrainConfig, fail) -> None:
     from slimtune.data import load_classification, load_text
 
@@ -99,6 +78,12 @@ def _check_data_installed(config: TrainConfig, fail) -> None:
         fail(str(err))
 
 
+def option_name(field: str) -> str:
+    """The CLI flag of a training-config field (``grad_accum`` -> ``--grad-accum``)."""
+    return "--" + field.replace("_", "-")
+
+
+@app.command("adapt", help=ADAPT_HELP)
 def adapt_command(
     model: str = typer.Option(..., "--model", "-m", help="Registered model name (smollm2-135m, "
                               "minilm-l6) or a local Hugging Face model directory."),
@@ -146,12 +131,11 @@ def adapt_command(
                                                         "checkpoint (or start it)."),
 ) -> None:
     """Validate everything, load the model, train, save."""
-    from slimtune.cli import check_model, fail, load_or_fail, stdout
-
     check_model(model)
-    from slimtune.adapt import known_methods
-    from slimtune.adapt.registry import make_config
+    from slimtune.adapt import known_methods, make_config
     from slimtune.data import CLASSIFICATION_DATASETS, TEXT_DATASETS
+    from slimtune.models import is_causal_lm, model_architectures
+    from slimtune.train import make_train_config
 
     params = parse_params(param, fail)
     if method == "full":
@@ -173,12 +157,16 @@ def adapt_command(
              f"({', '.join(CLASSIFICATION_DATASETS)})")
     if task is not None and task not in CLASSIFICATION_DATASETS:
         fail(f"unknown task {task!r}: use one of {', '.join(CLASSIFICATION_DATASETS)}")
-    config = _train_config(
-        fail, data=task or data, steps=steps, batch=batch, grad_accum=grad_accum, seqlen=seqlen,
-        lr=lr, warmup=warmup, max_grad_norm=max_grad_norm or None, weight_decay=weight_decay,
-        eval_every=eval_every, eval_tokens=eval_tokens, eval_examples=eval_examples,
-        save_every=save_every, seed=seed, calib_n=calib_n, calib_data=calib_data)
-    if config.is_classification == _is_causal_lm(model):
+    try:
+        config = make_train_config(
+            method, option_name, data=task or data, steps=steps, batch=batch,
+            grad_accum=grad_accum, seqlen=seqlen, lr=lr, warmup=warmup,
+            max_grad_norm=max_grad_norm or None, weight_decay=weight_decay,
+            eval_every=eval_every, eval_tokens=eval_tokens, eval_examples=eval_examples,
+            save_every=save_every, seed=seed, calib_n=calib_n, calib_data=calib_data)
+    except ValueError as err:
+        fail(str(err))
+    if config.is_classification == is_causal_lm(model_architectures(model)):
         kind = "an encoder (e.g. minilm-l6)" if config.is_classification else \
             "a causal language model (e.g. smollm2-135m)"
         fail(f"{config.data} needs {kind}; {model} is not one")

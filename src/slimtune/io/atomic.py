@@ -1,8 +1,9 @@
-"""Atomic directory writes: build a directory beside its destination, then rename it into place.
+"""Atomic writes: build a directory (or file) beside its destination, then rename it into place.
 
-Every writer of a directory the library produces (models, adapters, PEFT exports, training
-checkpoints) goes through :func:`atomic_dir`, so an interrupted or failed write never leaves a
-half-written destination and never loses the directory that was there before.
+This is the only atomic writer: every directory the library produces (models, adapters, PEFT
+exports, training checkpoints, the converted model cache) goes through :func:`atomic_dir`, every
+single file (plots, tables) through :func:`atomic_file`, so an interrupted or failed write never
+leaves a half-written destination and never loses what was there before.
 """
 from __future__ import annotations
 
@@ -51,4 +52,23 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
                 shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file path beside ``path`` (same suffix); on success it replaces ``path``.
+
+    If the body raises, the temporary file is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
         raise

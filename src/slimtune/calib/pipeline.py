@@ -31,24 +31,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from functools import partial
 from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from slimtune.block_runner import BlockRunner, trim_heap
-from slimtune.evaluate import _model_device, peak_rss_mb, tokenize_text
-from slimtune.layers import FactoredLinear
-from slimtune.targets import Targets, match_targets
+from slimtune.calib.blocks import BlockRunner, find_blocks, trim_heap
+from slimtune.calib.fisher import fisher_diagonals
+from slimtune.evaluate import model_device, peak_rss_mb
+from slimtune.models import is_causal_lm
 from slimtune.progress import progress_bar
-from slimtune.weights.stats import FisherDiagonal, InputStatistics
+from slimtune.targets import Targets, match_targets, set_module
+from slimtune.weights.stats import InputStatistics
 
 NEEDS = frozenset({"gram", "mean_abs", "fisher"})
-
-
-class UnsupportedArchitectureError(ValueError):
-    """The model has no block list the pipeline can walk."""
 
 
 @dataclass
@@ -68,113 +64,6 @@ class BlockStep(Protocol):
     needs: frozenset[str]
 
     def apply(self, name: str, layer: nn.Module, stats: LayerStats) -> nn.Module: ...
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """``(path, blocks)``: the model's list of transformer blocks (e.g. ``"model.layers"``)."""
-    for path in ("model.layers", "encoder.layer"):
-        try:
-            blocks = model.get_submodule(path)
-        except AttributeError:
-            continue
-        if isinstance(blocks, nn.ModuleList) and len(blocks):
-            return path, blocks
-    best = None  # generic: the largest ModuleList of same-type modules that contain linears
-    for path, m in model.named_modules():
-        if not isinstance(m, nn.ModuleList) or not len(m) or len({type(b) for b in m}) != 1:
-            continue
-        if not all(any(isinstance(x, (nn.Linear, FactoredLinear)) for x in b.modules()) for b in m):
-            continue
-        size = (len(m), sum(p.numel() for p in m.parameters()))
-        if best is None or size > best[0]:
-            best = (size, path, m)
-    if best is None:
-        raise UnsupportedArchitectureError(
-            f"cannot walk {type(model).__name__}: the layer-by-layer pipeline needs the "
-            "transformer blocks as an nn.ModuleList of identical modules containing linear "
-            "layers (like 'model.layers' in Llama-family decoders or 'encoder.layer' in BERT); "
-            "none found")
-    return best[1], best[2]
-
-
-def calibration_windows(tokenizer, data: str = "ptb", split: str = "train", n: int = 128,
-                        seqlen: int = 512, seed: int = 0) -> torch.Tensor:
-    """``n`` random non-overlapping windows [n, seqlen] of the tokenized split (seeded)."""
-    from slimtune.data import load_text
-
-    ids = tokenize_text(tokenizer, load_text(data, split))
-    slots = ids.numel() // seqlen
-    if n < 1 or seqlen < 2 or n > slots:
-        raise ValueError(f"need 1 <= n <= {slots} windows of seqlen >= 2 from {data}/{split} "
-                         f"({ids.numel()} tokens); got n={n}, seqlen={seqlen}")
-    g = torch.Generator().manual_seed(seed)
-    offset = int(torch.randint(0, ids.numel() - slots * seqlen + 1, (1,), generator=g))
-    grid = ids[offset:offset + slots * seqlen].view(slots, seqlen)
-    return grid[torch.randperm(slots, generator=g)[:n]].clone()
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    can_generate = getattr(model, "can_generate", None)
-    return type(model).__name__.endswith("ForCausalLM") or bool(callable(can_generate)
-                                                                 and can_generate())
-
-
-def _take_grad(acc: FisherDiagonal, weight: torch.Tensor) -> None:
-    acc.update(weight.grad)
-    weight.grad = None
-
-
-def fisher_diagonals(model: nn.Module, windows: torch.Tensor, names, batch_size: int = 1,
-                     progress: bool = True) -> dict[str, torch.Tensor]:
-    """Per named linear, the mean over batches of grad² of the causal-LM loss w.r.t. its weight.
-
-    ``model(input_ids=batch, labels=batch).loss`` (mean next-token NLL of the batch) is
-    back-propagated once per batch with only the named weights requiring gradients; each weight's
-    gradient is squared into a float32 :class:`FisherDiagonal` as soon as it is ready and dropped,
-    so only one gradient exists at a time. Returns ``{name: [out, in]}`` on the model's device.
-    """
-    if not len(windows) or batch_size < 1:
-        raise ValueError(f"need at least one window and batch_size >= 1, got {len(windows)}, "
-                         f"{batch_size}")
-    if not _is_causal_lm(model):
-        raise ValueError(f"Fisher diagonals need a causal LM (loss on next tokens); "
-                         f"{type(model).__name__} is not one (an encoder has no LM loss)")
-    weights = {n: model.get_submodule(n).weight for n in names}
-    flags = {p: p.requires_grad for p in model.parameters()}
-    old_grads = {n: w.grad for n, w in weights.items()}
-    acc = {n: FisherDiagonal(w.shape, torch.float32, w.device) for n, w in weights.items()}
-    windows = windows.to(_model_device(model))
-    was_training = model.training
-    model.eval()
-    bar, task = progress_bar(len(windows), f"fisher ({len(windows)}×{windows.shape[1]})", progress)
-    handles = []
-    try:
-        for p in flags:
-            p.requires_grad_(False)
-        for n, w in weights.items():
-            w.requires_grad_(True)
-            w.grad = None
-            handles.append(w.register_post_accumulate_grad_hook(partial(_take_grad, acc[n])))
-        with bar, torch.enable_grad():
-            for s in range(0, len(windows), batch_size):
-                batch = windows[s:s + batch_size]
-                model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
-                bar.advance(task, len(batch))
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
-        for n, w in weights.items():
-            w.grad = old_grads[n]
-        model.train(was_training)
-    # divide in place (no second copy of every Fisher matrix), dropping each accumulator as we go
-    return {n: (a := acc.pop(n)).sq_grad_sum.div_(a.count) for n in list(acc)}
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def _hooks_for(pairs) -> dict:
@@ -239,7 +128,7 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
     prefix, blocks = find_blocks(model)
     per_step = _validate(model, steps, prefix, len(blocks))
     fisher_names = sorted({n for needs, bb in per_step if "fisher" in needs for b in bb for n in b})
-    if fisher_names and not _is_causal_lm(model):
+    if fisher_names and not is_causal_lm(model):
         raise ValueError(f"a step needs 'fisher', which needs a causal LM; {type(model).__name__}"
                          " is not one")
     two_pass = [k for k, s in enumerate(steps)
@@ -250,7 +139,7 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
                                             if not n.startswith(prefix + ".")],
                          "seconds": 0.0, "peak_rss_mb": 0.0} for k, s in enumerate(steps)],
               "fisher_seconds": 0.0, "measure_seconds": 0.0, "capture_seconds": 0.0}
-    windows = windows.to(_model_device(model))
+    windows = windows.to(model_device(model))
     was_training = model.training
     model.eval()
     fisher = {}
@@ -301,7 +190,7 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
                         if not isinstance(new, nn.Module):
                             raise TypeError(f"step {k} ({type(step).__name__}).apply returned "
                                             f"{type(new).__name__} for {name}, not a module")
-                        _set_module(model, name, new)
+                        set_module(model, name, new)
                         entry["layers"].append(name)
                         if new is not layer:
                             entry["replaced"].append(name)

@@ -42,10 +42,11 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from slimtune.adapt.factors import compute_dtype
-from slimtune.atomic import atomic_dir
+from slimtune.io.atomic import atomic_dir
 from slimtune.layers import DenseBase, FactoredLinear, LowRank, WeightNormScale
+from slimtune.models import is_causal_lm
 from slimtune.targets import factored_layers
+from slimtune.weights.precision import compute_dtype
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PREFIX = "base_model.model."
@@ -155,8 +156,7 @@ def peft_config(model: nn.Module, exported: dict[str, PeftLayer], rslora: bool,
                          f"use_dora is one flag; DoRA layers: "
                          f"{[n for n, e in exported.items() if e.magnitude is not None][:4]})")
     hf_config = getattr(model, "config", None)
-    architectures = getattr(hf_config, "architectures", None) or [type(model).__name__]
-    causal = any(a.endswith("ForCausalLM") for a in architectures)
+    causal = is_causal_lm(model)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM" if causal else None,

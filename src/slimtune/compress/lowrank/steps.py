@@ -28,10 +28,10 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from slimtune.compress.allocation import (
+from slimtune.compress.lowrank.allocation import (
     allocate_by_loss, budget, kept_params, loss_curve, truncation_losses, welore_ranks)
 from slimtune.layers import FactoredLinear, LowRank
-from slimtune.weights.svd import rank_for_ratio
+from slimtune.weights.svd import balanced_split, rank_for_ratio
 
 Factorise = Callable[[Tensor, object, "int | None"], tuple[Tensor, Tensor, Tensor]]
 
@@ -81,9 +81,9 @@ def factored_linear(U: Tensor, S: Tensor, Vh: Tensor, k: int, bias: Tensor | Non
     """``FactoredLinear`` (no base) holding ``B = U_k sqrt(S_k)``, ``A = sqrt(S_k) Vh_k`` + bias."""
     if not 1 <= k <= S.numel():
         raise ValueError(f"rank {k} out of range for {S.numel()} components")
-    root = S[:k].clamp_min(0).sqrt()
-    B = (U[:, :k] * root).to(device=device, dtype=dtype).contiguous()
-    A = (root[:, None] * Vh[:k]).to(device=device, dtype=dtype).contiguous()
+    A, B = balanced_split(U[:, :k], S[:k], Vh[:k])
+    B = B.to(device=device, dtype=dtype).contiguous()
+    A = A.to(device=device, dtype=dtype).contiguous()
     out_features, in_features = B.shape[0], A.shape[1]
     b = None if bias is None else bias.detach().to(device=device, dtype=dtype).clone()
     return FactoredLinear(in_features, out_features, lowrank=LowRank(A, B, scale=1.0), bias=b)

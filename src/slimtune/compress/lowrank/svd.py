@@ -16,8 +16,9 @@ from typing import Literal
 
 from torch import Tensor
 
-from slimtune.compress.lowrank import build_step
-from slimtune.recipe import LowRankConfig, register
+from slimtune.compress.lowrank.steps import build_step
+from slimtune.compress.lowrank.config import LowRankConfig
+from slimtune.compress.registry import METHODS
 from slimtune.weights.svd import randomized_svd, truncated_svd
 
 NEEDS: frozenset[str] = frozenset()
@@ -37,7 +38,9 @@ def svd_factors(W: Tensor, rank: int | None = None, svd: str = "exact"):
     return randomized_svd(W, rank)
 
 
-@register("svd", SVDConfig)
 def build(config: SVDConfig):
     return build_step("svd", config, NEEDS,
                       lambda W, stats, rank: svd_factors(W, rank, config.svd))
+
+
+METHODS.register("svd", SVDConfig, build=build)

@@ -1,6 +1,7 @@
-"""Running one model's blocks on buffered hidden states (the mechanics under ``slimtune.pipeline``).
+"""Running one model's blocks on buffered hidden states (the mechanics under
+:mod:`slimtune.calib.pipeline`).
 
-``BlockRunner.capture`` swaps block 0 for a catcher that stores the hidden states and call
+:func:`find_blocks` finds the model's list of transformer blocks. ``BlockRunner.capture`` swaps block 0 for a catcher that stores the hidden states and call
 arguments of every calibration batch, then stops the forward; ``run`` feeds one block the buffered
 inputs batch by batch, with forward pre-hooks accumulating input statistics for chosen linears
 (layers fed the very same tensor share one statistics object); ``advance`` makes the outputs the
@@ -14,6 +15,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from slimtune.layers import FactoredLinear
 from slimtune.weights.stats import InputStatistics
 
 STATS_CHUNK = 1024  # tokens per InputStatistics.update (its float64 copies are chunk × in)
@@ -28,6 +30,37 @@ def trim_heap() -> bool:
         return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
     except (OSError, AttributeError):
         return False
+
+
+class UnsupportedArchitectureError(ValueError):
+    """The model has no block list the pipeline can walk."""
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """``(path, blocks)``: the model's list of transformer blocks (e.g. ``"model.layers"``)."""
+    for path in ("model.layers", "encoder.layer"):
+        try:
+            blocks = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(blocks, nn.ModuleList) and len(blocks):
+            return path, blocks
+    best = None  # generic: the largest ModuleList of same-type modules that contain linears
+    for path, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or not len(m) or len({type(b) for b in m}) != 1:
+            continue
+        if not all(any(isinstance(x, (nn.Linear, FactoredLinear)) for x in b.modules()) for b in m):
+            continue
+        size = (len(m), sum(p.numel() for p in m.parameters()))
+        if best is None or size > best[0]:
+            best = (size, path, m)
+    if best is None:
+        raise UnsupportedArchitectureError(
+            f"cannot walk {type(model).__name__}: the layer-by-layer pipeline needs the "
+            "transformer blocks as an nn.ModuleList of identical modules containing linear "
+            "layers (like 'model.layers' in Llama-family decoders or 'encoder.layer' in BERT); "
+            "none found")
+    return best[1], best[2]
 
 
 class _Stop(Exception):
@@ -52,16 +85,38 @@ class _Catcher(nn.Module):
         raise _Stop
 
 
-def _update(stats: dict, seen: dict, name: str, track_gram: bool, module, args) -> None:
+class SameInput:
+    """Recognises the very same tensor fed to several layers during one forward pass (q/k/v,
+    gate/up share their input). ``remember(x, value)`` holds ``x`` itself, so its address
+    cannot be reused for another tensor until ``clear()``."""
+
+    def __init__(self):
+        self._seen: dict[tuple, tuple[torch.Tensor, object]] = {}
+
+    @staticmethod
+    def _key(x: torch.Tensor) -> tuple:
+        return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
+
+    def lookup(self, x: torch.Tensor):
+        """The value remembered for ``x``, or None."""
+        entry = self._seen.get(self._key(x))
+        return None if entry is None else entry[1]
+
+    def remember(self, x: torch.Tensor, value) -> None:
+        self._seen[self._key(x)] = (x, value)
+
+    def clear(self) -> None:
+        self._seen.clear()
+
+
+def _update(stats: dict, seen: SameInput, name: str, track_gram: bool, module, args) -> None:
     """Forward pre-hook: add the inputs to ``stats[name]`` in chunks (bounds the float64 copies).
 
-    Linears fed the very same tensor in one block call (q/k/v, gate/up) share one statistics
-    object: ``seen`` maps the tensors met since the batch started to their statistics.
+    Linears fed the very same tensor in one block call share one statistics object.
     """
     x = args[0]
-    key = (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
-    if key in seen:  # ``seen`` holds each tensor, so its address cannot be reused in the batch
-        shared = seen[key][1]
+    shared = seen.lookup(x)
+    if shared is not None:
         if stats.setdefault(name, shared) is not shared:
             raise RuntimeError(f"{name}: its input was shared with another layer in one batch "
                                "but not in an earlier one")
@@ -71,7 +126,7 @@ def _update(stats: dict, seen: dict, name: str, track_gram: bool, module, args) 
         stats[name] = InputStatistics(flat.shape[-1], torch.float64, flat.device, track_gram)
     for chunk in flat.split(STATS_CHUNK):
         stats[name].update(chunk)
-    seen[key] = (x, stats[name])
+    seen.remember(x, stats[name])
 
 
 class BlockRunner:
@@ -111,7 +166,7 @@ class BlockRunner:
 
         If any hooked layer needs the Gram matrix, every statistics object of this run tracks it.
         """
-        block, stats, seen, handles = self.blocks[i], {}, {}, []
+        block, stats, seen, handles = self.blocks[i], {}, SameInput(), []
         track_gram = any((hooks or {}).values())  # shared statistics must serve every sharer
         for name in hooks or {}:
             hook = partial(_update, stats, seen, name, track_gram)

@@ -30,8 +30,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from slimtune.compress.lowrank import build_step, weight_fisher
-from slimtune.recipe import LowRankConfig, register
+from slimtune.compress.lowrank.steps import build_step, weight_fisher
+from slimtune.compress.lowrank.config import LowRankConfig
+from slimtune.compress.registry import METHODS
+from slimtune.weights.precision import compute_dtype
 from slimtune.weights.svd import randomized_svd, scaled_svd, truncated_svd
 
 NEEDS = frozenset({"fisher"})
@@ -65,7 +67,7 @@ def fisher_weighted_factors(W: Tensor, fisher: Tensor, rank: int | None = None,
                          f"{tuple(W.shape)}")
     if weighting not in ("input", "output"):
         raise ValueError(f"fwsvd: weighting must be 'input' or 'output', got {weighting!r}")
-    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(W)
     w = feature_importance(fisher, weighting).sqrt().to(device=W.device, dtype=dtype)
     r = min(W.shape) if rank is None else rank
     method = "exact" if rank is None or svd == "exact" else "randomized"
@@ -76,7 +78,9 @@ def fisher_weighted_factors(W: Tensor, fisher: Tensor, rank: int | None = None,
     return U / w[:, None], S, Vh
 
 
-@register("fwsvd", FWSVDConfig)
 def build(config: FWSVDConfig):
     return build_step("fwsvd", config, NEEDS, lambda W, stats, rank: fisher_weighted_factors(
         W, weight_fisher(stats, "fwsvd"), rank, config.svd, config.weighting))
+
+
+METHODS.register("fwsvd", FWSVDConfig, build=build)

@@ -24,8 +24,10 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from slimtune.compress.lowrank import build_step, input_mean_abs
-from slimtune.recipe import LowRankConfig, register
+from slimtune.compress.lowrank.steps import build_step, input_mean_abs
+from slimtune.compress.lowrank.config import LowRankConfig
+from slimtune.compress.registry import METHODS
+from slimtune.weights.precision import compute_dtype
 from slimtune.weights.svd import scaled_svd
 
 NEEDS = frozenset({"mean_abs"})
@@ -58,14 +60,16 @@ def activation_scale(mean_abs: Tensor, alpha: float) -> Tensor:
 def activation_aware_factors(W: Tensor, mean_abs: Tensor, alpha: float, rank: int | None = None,
                              svd: str = "exact"):
     """``(U, S, Vh S^-1)`` from the SVD of ``W diag(mean|x|)**alpha``."""
-    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    dtype = compute_dtype(W)
     scale = activation_scale(mean_abs, alpha).to(device=W.device, dtype=dtype)
     r = min(W.shape) if rank is None else rank
     method = "exact" if rank is None else svd
     return scaled_svd(W.detach().to(dtype), scale, r, kind="diag", method=method)
 
 
-@register("asvd", ASVDConfig)
 def build(config: ASVDConfig):
     return build_step("asvd", config, NEEDS, lambda W, stats, rank: activation_aware_factors(
         W, input_mean_abs(stats, "asvd"), config.alpha, rank, config.svd))
+
+
+METHODS.register("asvd", ASVDConfig, build=build)

@@ -24,8 +24,9 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor
 
-from slimtune.compress.lowrank import build_step, input_gram
-from slimtune.recipe import LowRankConfig, register
+from slimtune.compress.lowrank.steps import build_step, input_gram
+from slimtune.compress.lowrank.config import LowRankConfig
+from slimtune.compress.registry import METHODS
 from slimtune.weights.svd import scaled_svd, whitening_factor
 
 NEEDS = frozenset({"gram"})
@@ -58,7 +59,9 @@ def whitened_factors(W: Tensor, gram: Tensor, damp: float = 1e-4, rank: int | No
     return scaled_svd(W.detach().to(torch.float64), L, r, kind="cholesky", method=method)
 
 
-@register("svd_llm", SVDLLMConfig)
 def build(config: SVDLLMConfig):
     return build_step("svd_llm", config, NEEDS, lambda W, stats, rank: whitened_factors(
         W, input_gram(stats, "svd_llm"), config.damp, rank, config.svd))
+
+
+METHODS.register("svd_llm", SVDLLMConfig, build=build)

@@ -1,0 +1,75 @@
+"""``slimtune compress``: compress a model with a YAML recipe, block by block, and save it."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from slimtune.cli.app import MODEL_HELP, app, check_data, check_model, fail, load_or_fail, stdout
+
+
+COMPRESS_HELP = (
+    "Compress a model with a YAML recipe, one decoder block at a time, and save it.\n\n"
+    "The recipe is a list of steps {method: NAME, targets: ..., <params>} (see recipes/). It is "
+    "validated before the model is loaded. Calibration: --n random windows of --seqlen tokens "
+    "from --calib (default: PTB train). OUT is written atomically (temp dir, then rename); "
+    "`slimtune eval --model OUT` then evaluates the result. --merge writes an ordinary dense "
+    "Hugging Face model instead of factored layers.")
+
+
+@app.command("compress", help=COMPRESS_HELP)
+def compress_command(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    recipe: Path = typer.Option(..., "--recipe", "-r", help="YAML recipe file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output model directory (must not exist "
+                                                      "unless --overwrite)."),
+    calib: str = typer.Option("ptb", "--calib", help="Calibration text: ptb, austen or a UTF-8 "
+                                                     "text file (train split of a registered set)."),
+    n: int = typer.Option(128, "--n", min=1, help="Number of calibration windows."),
+    seqlen: int = typer.Option(512, "--seqlen", min=2, help="Tokens per calibration window."),
+    seed: int = typer.Option(0, "--seed", help="Seed for choosing calibration windows."),
+    batch_size: int = typer.Option(2, "--batch-size", min=1, help="Windows per block forward."),
+    merge: bool = typer.Option(False, "--merge", help="Write a plain dense HF model."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
+) -> None:
+    """Validate recipe and arguments, load, calibrate, compress block by block, save."""
+    from slimtune.compress import RecipeError, build_steps, check_targets, load_recipe
+
+    check_model(model)
+    if not recipe.is_file():
+        fail(f"recipe {recipe} does not exist")
+    try:
+        configs = load_recipe(recipe)
+    except RecipeError as err:
+        fail(f"{recipe}: {err}")
+    if out.exists() and not overwrite:
+        fail(f"--out {out} already exists (use --overwrite to replace it)")
+    calib_file = check_data(calib, "train")
+
+    from slimtune.calib import calibration_windows, run_pipeline
+    from slimtune.io.checkpoint import save_model
+
+    lm, tokenizer = load_or_fail(model)
+    try:
+        check_targets(lm, configs)
+    except RecipeError as err:
+        fail(f"{recipe}: {err}")
+    try:
+        windows = calibration_windows(tokenizer, data=str(calib_file or calib), split="train",
+                                      n=n, seqlen=seqlen, seed=seed)
+    except (ValueError, FileNotFoundError) as err:
+        fail(str(err))
+    start = time.perf_counter()
+    report = run_pipeline(lm, windows, build_steps(configs), batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    metadata = {"source_model": model, "recipe": [c.model_dump() for c in configs],
+                "calibration": {"data": str(calib_file or calib), "n": n, "seqlen": seqlen,
+                                "seed": seed},
+                "compress_seconds": seconds}
+    save_model(lm, tokenizer, out, metadata=metadata, merge=merge, overwrite=overwrite)
+    from slimtune.evaluate import bytes_on_disk, parameter_count, peak_rss_mb
+
+    stdout.print(f"compressed {model} with {recipe} in {seconds:.0f} s: "
+                 f"{parameter_count(lm):,} parameters, {bytes_on_disk(out) / 1e6:.1f} MB on disk, "
+                 f"peak RSS {peak_rss_mb():.0f} MB -> {out}")

@@ -1,0 +1,1 @@
+"""Writing models and adapters in other tools' formats: PEFT LoRA adapters (:mod:`.peft`)."""

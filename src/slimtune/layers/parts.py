@@ -1,0 +1,113 @@
+"""Parts of a ``FactoredLinear`` besides its base: the low-rank ``s·B·K·A`` (:class:`LowRank`),
+the sparse delta (:class:`SparseDelta`) and whole-weight transforms (:class:`WeightNormScale`,
+DoRA's magnitude over the row norm), with the builders that rebuild empty ones from a layer's
+``describe()`` output.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LowRank(nn.Module):
+    """s·B·K·A with K absent, diagonal (a vector of r) or full (r × r)."""
+
+    def __init__(self, A: Tensor, B: Tensor, scale: float = 1.0, core: Tensor | None = None,
+                 train_A: bool = True, train_B: bool = True, train_core: bool = True):
+        super().__init__()
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"low-rank factors must be A (r×in), B (out×r); got {tuple(A.shape)}, "
+                             f"{tuple(B.shape)}")
+        r = A.shape[0]
+        if core is not None and tuple(core.shape) not in ((r,), (r, r)):
+            raise ValueError(f"core must have shape ({r},) or ({r}, {r}); got {tuple(core.shape)}")
+        self.A = nn.Parameter(A, requires_grad=train_A)
+        self.B = nn.Parameter(B, requires_grad=train_B)
+        self.core = None if core is None else nn.Parameter(core, requires_grad=train_core)
+        self.scale = float(scale)
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def core_kind(self) -> str:
+        return "none" if self.core is None else ("diag" if self.core.dim() == 1 else "full")
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """s·(x·Aᵀ·Kᵀ)·Bᵀ, added to ``residual`` in the same kernel (addmm) when given."""
+        h = F.linear(x, self.A)
+        if self.core is not None:
+            h = h * self.core if self.core.dim() == 1 else F.linear(h, self.core)
+        if residual is None:
+            return F.linear(h, self.B) * self.scale
+        out = torch.addmm(residual.reshape(-1, residual.shape[-1]), h.reshape(-1, h.shape[-1]),
+                          self.B.mT, alpha=self.scale)
+        return out.view(residual.shape)
+
+    def delta_weight(self) -> Tensor:
+        B = self.B
+        if self.core is not None:
+            B = B * self.core if self.core.dim() == 1 else B @ self.core
+        return (B @ self.A) * self.scale
+
+
+class SparseDelta(nn.Module):
+    """A sparse out × in update: fixed flat indices, trainable values."""
+
+    def __init__(self, shape: tuple[int, int], indices: Tensor, values: Tensor, trainable=True):
+        super().__init__()
+        if indices.shape != values.shape or indices.dim() != 1:
+            raise ValueError("sparse indices and values must be 1-D tensors of equal length")
+        self.shape = tuple(shape)
+        self.register_buffer("indices", indices.to(torch.long))
+        self.values = nn.Parameter(values, requires_grad=trainable)
+
+    @property
+    def nnz(self) -> int:
+        return self.indices.numel()
+
+    def delta_weight(self) -> Tensor:
+        flat = self.values.new_zeros(self.shape[0] * self.shape[1])
+        return flat.index_add(0, self.indices, self.values).view(self.shape)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        out = F.linear(x, self.delta_weight())
+        return out if residual is None else residual + out
+
+
+def empty_lowrank(d: dict, n_in: int, n_out: int, kw: dict) -> LowRank:
+    r, core = d["rank"], d["core"]
+    K = {"none": None, "diag": torch.empty(r, **kw), "full": torch.empty(r, r, **kw)}[core]
+    return LowRank(torch.empty(r, n_in, **kw), torch.empty(n_out, r, **kw), d["scale"], K)
+
+
+class WeightNormScale(nn.Module):
+    """DoRA's transform: ``g = m / ||W||_row`` with ``W`` the layer's combined weight.
+
+    The norm is per output row of ``W [out, in]`` and detached from the graph (DoRA §4.3: treat
+    ``||V + ΔV||_c`` as a constant), so only ``m`` and the low-rank factors receive gradients.
+    """
+
+    kind = "weight_norm_scale"
+
+    def __init__(self, magnitude: Tensor, trainable: bool = True):
+        super().__init__()
+        self.magnitude = nn.Parameter(magnitude, requires_grad=trainable)
+
+    def output_scale(self, layer: "FactoredLinear") -> Tensor:
+        norm = torch.linalg.vector_norm(layer.combined_weight(), dim=1).detach()
+        return self.magnitude / norm
+
+    def describe(self) -> dict:
+        return {"kind": self.kind}
+
+
+TRANSFORMS = {WeightNormScale.kind: lambda d, n_out, **kw: WeightNormScale(torch.empty(n_out, **kw))}
+
+
+def build_transform(d: dict, n_out: int | None = None, **kw) -> nn.Module:
+    if d.get("kind") not in TRANSFORMS:
+        raise ValueError(f"unknown transform kind {d.get('kind')!r}; known: {sorted(TRANSFORMS)}")
+    return TRANSFORMS[d["kind"]](d, n_out, **kw)
