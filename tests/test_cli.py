@@ -25,9 +25,10 @@ def test_help(command):
 
 @pytest.mark.parametrize("args, message", [
     (["--model", "no-such-model", "--data", "ptb"], "unknown model 'no-such-model'"),
-    (["--model", "smollm2-135m", "--data", "wikitext"], "unknown data set 'wikitext'"),
-    (["--model", "smollm2-135m", "--data", "ptb", "--split", "dev"], "has no split 'dev'"),
-    (["--model", "smollm2-135m", "--data", "austen", "--split", "valid"], "has no split 'valid'"),
+    (["--model", "smollm2-135m", "--data", "wikitext"],
+     "unknown text data set 'wikitext'; valid: ptb, austen or a UTF-8 text file"),
+    (["--model", "smollm2-135m", "--data", "ptb", "--split", "dev"], "unknown split 'dev'"),
+    (["--model", "smollm2-135m", "--data", "austen", "--split", "valid"], "unknown split 'valid'"),
     (["--model", "smollm2-135m", "--data", "missing/file.txt"], "does not exist"),
     (["--model", "smollm2-135m", "--data", "ptb", "--seqlen", "64", "--max-tokens", "10"],
      "no complete window"),

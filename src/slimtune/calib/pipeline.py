@@ -30,6 +30,7 @@ names) once on the original model; only linears inside the block list are handle
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -40,7 +41,7 @@ from slimtune.calib.blocks import BlockRunner, find_blocks, trim_heap
 from slimtune.calib.fisher import fisher_diagonals
 from slimtune.evaluate import model_device, peak_rss_mb
 from slimtune.models import is_causal_lm
-from slimtune.progress import progress_bar
+from slimtune.progress import progress_bar, warn
 from slimtune.targets import Targets, match_targets, set_module
 from slimtune.weights.stats import InputStatistics
 
@@ -64,6 +65,31 @@ class BlockStep(Protocol):
     needs: frozenset[str]
 
     def apply(self, name: str, layer: nn.Module, stats: LayerStats) -> nn.Module: ...
+
+
+def check_finite(hidden: torch.Tensor, where: str) -> None:
+    """``ValueError`` if calibration activations hold NaN or Inf (a broken model or step)."""
+    if not bool(torch.isfinite(hidden).all()):
+        raise ValueError(f"the calibration activations after {where} contain NaN or Inf: the "
+                         "model (or an earlier step) produces non-finite values on these inputs")
+
+
+def warn_small_calibration(model: nn.Module, steps, per_step, windows: torch.Tensor) -> None:
+    """Warn when a step that needs ``X^T X`` gets fewer calibration tokens than the widest
+    input it targets: that Gram matrix is then rank-deficient and the results poor."""
+    tokens = windows.numel()
+    for k, (step, (needs, by_block)) in enumerate(zip(steps, per_step)):
+        if "gram" not in needs:
+            continue
+        widths = {n: model.get_submodule(n).in_features for b in by_block for n in b}
+        short = sorted((n for n, w in widths.items() if w > tokens), key=widths.get, reverse=True)
+        if short:
+            widest = widths[short[0]]
+            windows_needed = -(-widest // windows.shape[1])
+            warn(f"step {k} ({type(step).__name__}): {tokens} calibration tokens are fewer than "
+                 f"the {widest} inputs of {len(short)} targeted layers (e.g. {short[0]}), so "
+                 f"their Gram matrices are rank-deficient and the results will be poor; use at "
+                 f"least {widest} tokens (e.g. {windows_needed} windows of {windows.shape[1]})")
 
 
 def _hooks_for(pairs) -> dict:
@@ -113,7 +139,8 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
 
     Returns ``{"blocks", "n_blocks", "windows", "steps": [{"step", "kind", "layers" (names
     applied), "replaced" (names whose module changed), "outside_blocks" (matched names not in a
-    block: left alone), "seconds", "peak_rss_mb"}], "capture_seconds",
+    block: left alone), "fallbacks" ({name: message} of the layers whose apply needed a numerical
+    fallback, e.g. extra damping; summarised in one warning), "seconds", "peak_rss_mb"}], "capture_seconds",
     "fisher_seconds", "measure_seconds", "seconds", "peak_rss_mb"}``.
     """
     start = time.perf_counter()
@@ -133,11 +160,13 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
                          " is not one")
     two_pass = [k for k, s in enumerate(steps)
                 if callable(getattr(s, "measure", None)) and callable(getattr(s, "allocate", None))]
+    warn_small_calibration(model, steps, per_step, windows)
     report = {"blocks": prefix, "n_blocks": len(blocks), "windows": list(windows.shape),
               "steps": [{"step": k, "kind": type(s).__name__, "layers": [], "replaced": [],
                          "outside_blocks": [n for n in match_targets(model, s.targets)
                                             if not n.startswith(prefix + ".")],
-                         "seconds": 0.0, "peak_rss_mb": 0.0} for k, s in enumerate(steps)],
+                         "fallbacks": {}, "seconds": 0.0, "peak_rss_mb": 0.0}
+                        for k, s in enumerate(steps)],
               "fisher_seconds": 0.0, "measure_seconds": 0.0, "capture_seconds": 0.0}
     windows = windows.to(model_device(model))
     was_training = model.training
@@ -175,6 +204,7 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
                 report["measure_seconds"] = time.perf_counter() - t
             t = time.perf_counter()
             walker.capture()
+            check_finite(walker.inps, "the embeddings (inputs of block 0)")
             report["capture_seconds"] = time.perf_counter() - t
             for i in range(len(blocks)):
                 for k, (step, (needs, by_block)) in enumerate(zip(steps, per_step)):
@@ -186,7 +216,19 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
                     inputs = walker.run(i, f"step {k} stats", hooks) if hooks else {}
                     for name in names:
                         layer = model.get_submodule(name)
-                        new = step.apply(name, layer, stats_for(name, needs, inputs))
+                        with warnings.catch_warnings(record=True) as caught:
+                            warnings.simplefilter("always", RuntimeWarning)
+                            try:
+                                new = step.apply(name, layer, stats_for(name, needs, inputs))
+                            except ValueError as err:
+                                raise ValueError(f"step {k} ({type(step).__name__}) on {name}: "
+                                                 f"{err}") from err
+                        for w in caught:
+                            if issubclass(w.category, RuntimeWarning):
+                                entry["fallbacks"][name] = str(w.message)
+                            else:
+                                warnings.warn_explicit(w.message, w.category, w.filename,
+                                                       w.lineno)
                         if not isinstance(new, nn.Module):
                             raise TypeError(f"step {k} ({type(step).__name__}).apply returned "
                                             f"{type(new).__name__} for {name}, not a module")
@@ -199,6 +241,7 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
                     entry["peak_rss_mb"] = peak_rss_mb()
                 if i + 1 < len(blocks):
                     walker.run(i, "outputs", keep=True)
+                    check_finite(walker.outs, f"block {i} (compressed)")
                     walker.advance()
                 for needs, by_block in per_step:
                     for name in by_block[i]:
@@ -209,6 +252,12 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
     finally:
         walker.inps = walker.outs = None
         model.train(was_training)
+    for entry in report["steps"]:
+        if entry["fallbacks"]:
+            name, message = next(iter(entry["fallbacks"].items()))
+            warn(f"step {entry['step']} ({entry['kind']}): {len(entry['fallbacks'])} of "
+                 f"{len(entry['layers'])} layers needed a numerical fallback (e.g. {name}: "
+                 f"{message}); more or longer calibration windows usually avoid it")
     report["seconds"] = time.perf_counter() - start
     report["peak_rss_mb"] = peak_rss_mb()
     return report

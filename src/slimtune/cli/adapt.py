@@ -13,12 +13,13 @@ from typing import List, Optional
 
 import typer
 
-from slimtune.cli.app import app, check_model, fail, load_or_fail, stdout
+from slimtune.cli.app import (check_data, check_model, check_output, command, fail, load_or_fail,
+                              stdout)
 from slimtune.train.config import TrainConfig
 
 _DEFAULT = {name: field.default for name, field in TrainConfig.model_fields.items()}
 _NAMES = re.compile(r"[A-Za-z0-9_.]+(,[A-Za-z0-9_.]+)*")
-_COMMON = ("method", "r", "alpha", "targets")  # adapter fields that have their own options
+_COMMON = ("method", "r", "alpha", "targets", "seed")  # adapter fields with their own options
 
 ADAPT_HELP = (
     "Fine-tune a model with an adapter method (or all its weights) and save the adapter.\n\n"
@@ -83,7 +84,7 @@ def option_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-@app.command("adapt", help=ADAPT_HELP)
+@command("adapt", help=ADAPT_HELP)
 def adapt_command(
     model: str = typer.Option(..., "--model", "-m", help="Registered model name (smollm2-135m, "
                               "minilm-l6) or a local Hugging Face model directory."),
@@ -95,7 +96,9 @@ def adapt_command(
                                 "module names (q_proj,v_proj) or a regex on full names."),
     param: List[str] = typer.Option([], "--param", "-p", help="Method parameter key=value "
                                     "(repeatable), e.g. --param svd=exact."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Causal-LM text: austen or ptb."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Causal-LM text: austen, ptb "
+                                       "or a UTF-8 text file (its last tenth of lines is the "
+                                       "test split)."),
     task: Optional[str] = typer.Option(None, "--task", help="Classification task: finefoods "
                                        "(instead of --data)."),
     steps: int = typer.Option(_DEFAULT["steps"], "--steps", help="Optimiser steps."),
@@ -118,17 +121,21 @@ def adapt_command(
                                       help="Classification: test reviews per evaluation."),
     save_every: int = typer.Option(_DEFAULT["save_every"], "--save-every",
                                    help="Checkpoint every K steps (0: never)."),
-    seed: int = typer.Option(_DEFAULT["seed"], "--seed", help="Data order, head init, RNG."),
+    seed: int = typer.Option(_DEFAULT["seed"], "--seed", help="Every seed of the run: data "
+                             "order, the adapter's initialisation, the head, torch's RNG."),
     calib_n: int = typer.Option(_DEFAULT["calib_n"], "--calib-n",
                                 help="Calibration windows (data-driven methods only)."),
     calib_data: Optional[str] = typer.Option(None, "--calib-data", show_default="the training "
                                              "data", help="Calibrate data-driven methods on this "
-                                             "text's train split instead (austen, ptb): e.g. "
-                                             "corda --param mode=kpm on the knowledge to keep."),
+                                             "text's train split instead (austen, ptb or a text "
+                                             "file): e.g. corda --param mode=kpm on the knowledge "
+                                             "to keep."),
     out: Path = typer.Option(..., "--out", "-o", help="Output directory (must not exist unless "
-                                                      "--resume)."),
+                                                      "--resume or --overwrite)."),
     resume: bool = typer.Option(False, "--resume", help="Continue OUT's run from its latest "
                                                         "checkpoint (or start it)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Start afresh in an existing OUT "
+                                   "that slimtune wrote; its old result is replaced at the end."),
 ) -> None:
     """Validate everything, load the model, train, save."""
     check_model(model)
@@ -147,7 +154,7 @@ def adapt_command(
     else:
         try:
             adapter = make_config(method, r=r, alpha=alpha, targets=parse_targets(targets),
-                                  **params)
+                                  seed=seed, **params)
         except ValueError as err:
             fail(str(err))
     if task is not None and data is not None:
@@ -157,6 +164,11 @@ def adapt_command(
              f"({', '.join(CLASSIFICATION_DATASETS)})")
     if task is not None and task not in CLASSIFICATION_DATASETS:
         fail(f"unknown task {task!r}: use one of {', '.join(CLASSIFICATION_DATASETS)}")
+    if data is not None:  # text only: its own message, which lists no classification task
+        check_data(data, "train")
+        check_data(data, "test")
+    if calib_data is not None:
+        check_data(calib_data, "train", "--calib-data")
     try:
         config = make_train_config(
             method, option_name, data=task or data, steps=steps, batch=batch,
@@ -177,12 +189,22 @@ def adapt_command(
     except ValueError as err:
         fail(f"--calib-data: {err}")
 
+    from slimtune.io.atomic import NotOurDirectoryError
+    from slimtune.models import weights_bytes
+
     try:
-        check_resume(out, config, adapter, resume)
+        check_resume(out, config, adapter, resume, overwrite)
+    except NotOurDirectoryError as err:
+        fail(f"--out: {err}")
     except FileExistsError:
-        fail(f"--out {out} already exists (pass --resume to continue its run)")
+        fail(f"--out {out} already exists (pass --resume to continue its run, or --overwrite "
+             "to start it afresh)")
     except ValueError as err:
         fail(f"--out: {err}")
+    # full fine-tuning: the model, and a checkpoint with AdamW's two moments; adapters: a tenth
+    size = weights_bytes(model)
+    need = size * (4 if config.save_every else 1) if adapter is None else size // 10
+    check_output(out, need, overwrite=True, resume=True)  # contents were checked just above
     _check_data_installed(config, fail)
 
     from slimtune.train import build_task, train
@@ -190,7 +212,8 @@ def adapt_command(
     base, tokenizer = load_or_fail(model)
     try:
         job = build_task(config, tokenizer)
-        _, history = train(base, job, config, out, adapter=adapter, resume=resume)
+        _, history = train(base, job, config, out, adapter=adapter, resume=resume,
+                           overwrite=overwrite)
     except ValueError as err:
         fail(str(err))
     final = history["final_eval"] or {}

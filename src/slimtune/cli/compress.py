@@ -6,7 +6,8 @@ from pathlib import Path
 
 import typer
 
-from slimtune.cli.app import MODEL_HELP, app, check_data, check_model, fail, load_or_fail, stdout
+from slimtune.cli.app import (MODEL_HELP, check_data, check_model, check_output, command, fail,
+                              load_or_fail, stdout)
 
 
 COMPRESS_HELP = (
@@ -18,20 +19,22 @@ COMPRESS_HELP = (
     "Hugging Face model instead of factored layers.")
 
 
-@app.command("compress", help=COMPRESS_HELP)
+@command("compress", help=COMPRESS_HELP)
 def compress_command(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     recipe: Path = typer.Option(..., "--recipe", "-r", help="YAML recipe file."),
     out: Path = typer.Option(..., "--out", "-o", help="Output model directory (must not exist "
                                                       "unless --overwrite)."),
     calib: str = typer.Option("ptb", "--calib", help="Calibration text: ptb, austen or a UTF-8 "
-                                                     "text file (train split of a registered set)."),
+                                                     "text file (its train split: all but the "
+                                                     "last tenth of its lines)."),
     n: int = typer.Option(128, "--n", min=1, help="Number of calibration windows."),
     seqlen: int = typer.Option(512, "--seqlen", min=2, help="Tokens per calibration window."),
     seed: int = typer.Option(0, "--seed", help="Seed for choosing calibration windows."),
     batch_size: int = typer.Option(2, "--batch-size", min=1, help="Windows per block forward."),
     merge: bool = typer.Option(False, "--merge", help="Write a plain dense HF model."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (only "
+                                   "a directory slimtune wrote)."),
 ) -> None:
     """Validate recipe and arguments, load, calibrate, compress block by block, save."""
     from slimtune.compress import RecipeError, build_steps, check_targets, load_recipe
@@ -43,9 +46,10 @@ def compress_command(
         configs = load_recipe(recipe)
     except RecipeError as err:
         fail(f"{recipe}: {err}")
-    if out.exists() and not overwrite:
-        fail(f"--out {out} already exists (use --overwrite to replace it)")
-    calib_file = check_data(calib, "train")
+    from slimtune.models import weights_bytes
+
+    check_output(out, weights_bytes(model), overwrite=overwrite)  # at most the model's size
+    calib_file = check_data(calib, "train", "--calib")
 
     from slimtune.calib import calibration_windows, run_pipeline
     from slimtune.io.checkpoint import save_model

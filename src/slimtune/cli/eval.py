@@ -9,7 +9,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from slimtune.cli.app import MODEL_HELP, app, check_data, check_model, fail, load_or_fail, stdout
+from slimtune.cli.app import (MODEL_HELP, check_data, check_model, command, fail, load_or_fail,
+                              stdout)
 
 
 EVAL_HELP = (
@@ -19,7 +20,7 @@ EVAL_HELP = (
     "next-token prediction inside a window is scored (seqlen-1 per window); perplexity = "
     "exp(mean NLL). Example: slimtune eval --model smollm2-135m --data ptb --max-tokens 20480 --json")
 
-@app.command("eval", help=EVAL_HELP)
+@command("eval", help=EVAL_HELP)
 def eval_command(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     data: str = typer.Option(..., "--data", "-d",

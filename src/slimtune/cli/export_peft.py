@@ -10,7 +10,8 @@ from typing import Optional
 
 import typer
 
-from slimtune.cli.app import MODEL_HELP, app, fail, load_or_fail, stdout
+from slimtune.cli.app import (MODEL_HELP, base_model_of, check_output, command, fail, load_or_fail,
+                              stdout)
 
 EXPORT_PEFT_HELP = (
     "Export a slimtune adapter (a directory written by slimtune.adapt.save) as a PEFT LoRA adapter "
@@ -23,26 +24,7 @@ EXPORT_PEFT_HELP = (
     "written atomically.")
 
 
-def base_model_of(manifest: dict, adapter: Path) -> str:
-    """The base model recorded in ``adapter.json``, as a name ``load_model`` accepts.
-
-    Adapters saved from a registered model record its converted cache directory; when that
-    directory is gone (another machine, another cache) the registered name it came from is used.
-    """
-    from slimtune.models import MODEL_NAMES
-
-    base = manifest.get("base_model")
-    if not base:
-        fail(f"{adapter}/adapter.json records no base model: pass --model")
-    path = Path(base).expanduser()
-    if base in MODEL_NAMES or (path / "config.json").is_file():
-        return base
-    if path.name in MODEL_NAMES:
-        return path.name
-    return base
-
-
-@app.command("export-peft", help=EXPORT_PEFT_HELP)
+@command("export-peft", help=EXPORT_PEFT_HELP)
 def export_peft_command(
     adapter: Path = typer.Option(..., "--adapter", "-a", help="Directory of a saved slimtune "
                                                               "adapter (adapter.json + "
@@ -51,7 +33,8 @@ def export_peft_command(
                                                       "exist unless --overwrite)."),
     model: Optional[str] = typer.Option(None, "--model", "-m",
                                         help=MODEL_HELP + " Default: the adapter's base model."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (only "
+                                   "a directory slimtune wrote)."),
 ) -> None:
     """Validate, load the base, put the adapter on it, export with ``to_peft``."""
     from slimtune.adapt import load, read_manifest, to_peft
@@ -61,10 +44,9 @@ def export_peft_command(
         manifest = read_manifest(adapter)
     except (FileNotFoundError, ValueError) as err:
         fail(str(err))
-    if out.exists() and not overwrite:
-        fail(f"--out {out} already exists (use --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out} exists and is not a directory")
+    weights = Path(adapter) / "adapter.safetensors"
+    # base-changing inits export rank r + r0: at most about twice the adapter
+    check_output(out, 2 * weights.stat().st_size, overwrite=overwrite)
     base = model or base_model_of(manifest, adapter)
     try:
         check_model_name(base)

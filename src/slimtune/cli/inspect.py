@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from slimtune.cli.app import MODEL_HELP, app, check_model, fail, load_or_fail, model_label, stdout
+from slimtune.cli.app import (MODEL_HELP, check_model, check_output, command, load_or_fail,
+                              model_label, stdout)
 
 
 INSPECT_HELP = (
@@ -18,7 +19,7 @@ INSPECT_HELP = (
     "sigma_i/sigma_1 per layer type, coloured by depth) and OUT/layers.json.")
 
 
-@app.command("inspect", help=INSPECT_HELP)
+@command("inspect", help=INSPECT_HELP)
 def inspect_command(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o",
@@ -29,8 +30,7 @@ def inspect_command(
     """Validate, load, compute :func:`slimtune.analyze.spectra.layer_spectra`, plot, print."""
     check_model(model)
     out = out if out is not None else Path("out") / f"inspect-{model_label(model)}"
-    if out.exists() and not out.is_dir():
-        fail(f"--out {out} exists and is not a directory")
+    check_output(out, 8 * 2 ** 20, resume=True)  # writes two files into OUT
 
     from slimtune.analyze.spectra import layer_spectra, plot_spectra, rows_as_json, write_spectra_json
 

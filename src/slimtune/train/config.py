@@ -5,6 +5,13 @@
 truncation length of classification (default 128 tokens there). ``eval_every`` / ``save_every``
 count optimiser steps; 0 means "only at the end" / "never". ``warmup`` is a number of optimiser
 steps (see :mod:`slimtune.train.schedule`).
+
+``data`` is a registered text data set (causal-LM training on its train split, perplexity on its
+test split), a classification data set, or a path to a UTF-8 text file (causal-LM training on the
+file's train split, perplexity on its test split; see :mod:`slimtune.data`); ``calib_data`` is a
+registered text data set or a text file. A path is kept as given (not made absolute), so a resume
+compares it as typed; the file is checked (exists, UTF-8, holds text, has the splits used) here,
+before any model is loaded.
 """
 from __future__ import annotations
 
@@ -12,13 +19,27 @@ from typing import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from slimtune.data import CLASSIFICATION_DATASETS, TEXT_DATASETS
+from slimtune.data import (CLASSIFICATION_DATASETS, TEXT_DATASETS, DataNotFoundError,
+                           UnknownTextSourceError, check_text_source)
 from slimtune.registry import validate
 
 LM_SEQLEN, CLASSIFICATION_SEQLEN = 256, 128
 MAX_CLASSIFICATION_SEQLEN = 512  # BERT-family position embeddings
 # Changing these between a checkpoint and its resume does not change the result.
 RESUME_FREE_FIELDS = frozenset({"eval_every", "save_every"})
+TEXT_FILE_CHOICE = "a UTF-8 text file path"
+
+
+def _check_text_file(value: str, splits: tuple[str, ...], unknown: str) -> None:
+    """Raise a ``ValueError`` (what a validator may raise) unless text file ``value`` has every
+    split of ``splits``; ``unknown`` is the message for a value that is no file or path at all."""
+    try:
+        for split in splits:
+            check_text_source(value, split)
+    except UnknownTextSourceError:
+        raise ValueError(unknown) from None
+    except DataNotFoundError as error:  # a FileNotFoundError, which pydantic would not catch
+        raise ValueError(str(error)) from None
 
 
 class TrainConfig(BaseModel):
@@ -26,8 +47,9 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    data: str = Field(description="text data set (causal-LM training: austen, ptb) or "
-                                  "classification data set (finefoods)")
+    data: str = Field(description="text data set (causal-LM training: austen, ptb), "
+                                  "classification data set (finefoods) or a UTF-8 text file "
+                                  "path (causal-LM training)")
     steps: int = Field(100, ge=1, description="optimiser steps")
     batch: int = Field(4, ge=1, description="examples per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
@@ -48,25 +70,26 @@ class TrainConfig(BaseModel):
     save_every: int = Field(0, ge=0, description="checkpoint every K steps (0: never)")
     seed: int = Field(0, description="seeds the data order, the head and torch's global RNG")
     calib_n: int = Field(64, ge=1, description="calibration windows for data-driven methods")
-    calib_data: str | None = Field(None, description="text data set (austen, ptb) whose train "
-                                   "split calibrates data-driven methods (None: the training "
-                                   "data), e.g. CorDA's knowledge-preserved mode on the "
-                                   "knowledge to keep")
+    calib_data: str | None = Field(None, description="text data set (austen, ptb) or UTF-8 "
+                                   "text file path whose train split calibrates data-driven "
+                                   "methods (None: the training data), e.g. CorDA's "
+                                   "knowledge-preserved mode on the knowledge to keep")
 
     @field_validator("data")
     @classmethod
     def _known_data(cls, value: str) -> str:
         known = [*TEXT_DATASETS, *CLASSIFICATION_DATASETS]
         if value not in known:
-            raise ValueError(f"unknown data set {value!r}; valid: {', '.join(known)}")
+            _check_text_file(value, ("train", "test"), f"unknown data set {value!r}; valid: "
+                                   f"{', '.join(known)} or {TEXT_FILE_CHOICE}")
         return value
 
     @field_validator("calib_data")
     @classmethod
     def _known_calib_data(cls, value: str | None) -> str | None:
         if value is not None and value not in TEXT_DATASETS:
-            raise ValueError(f"unknown calibration text {value!r}; valid: "
-                             f"{', '.join(TEXT_DATASETS)}")
+            _check_text_file(value, ("train",), f"unknown calibration text {value!r}; "
+                                   f"valid: {', '.join(TEXT_DATASETS)} or {TEXT_FILE_CHOICE}")
         return value
 
     @field_validator("betas")
@@ -90,6 +113,7 @@ class TrainConfig(BaseModel):
 
     @property
     def is_classification(self) -> bool:
+        """A registered classification data set; a text file never is one."""
         return self.data in CLASSIFICATION_DATASETS
 
     @property

@@ -34,7 +34,8 @@ from torch import nn
 from slimtune import adapt
 from slimtune.adapt.registry import AdapterConfig
 from slimtune.evaluate import peak_rss_mb
-from slimtune.progress import progress_bar
+from slimtune.io.atomic import check_replaceable, is_ours
+from slimtune.progress import note, progress_bar
 from slimtune.train import state as files
 from slimtune.train.config import TrainConfig
 from slimtune.train.schedule import warmup_cosine
@@ -71,22 +72,36 @@ def check_calibration(config: TrainConfig, adapter: AdapterConfig | None) -> Non
 
 
 def check_resume(out: str | os.PathLike, config: TrainConfig, adapter: AdapterConfig | None,
-                 resume: bool) -> Path | None:
+                 resume: bool, overwrite: bool = False) -> Path | None:
     """Check ``out`` for a run with these settings (cheap: reads no weights); return the
-    checkpoint to resume from, or None to start afresh. Raises ``FileExistsError`` for files in
-    ``out`` without ``resume``, ``ValueError`` for a finished run or a checkpoint whose settings
+    checkpoint to resume from, or None to start afresh.
+
+    Without ``resume`` or ``overwrite`` a non-empty ``out`` is a ``FileExistsError``. With
+    ``overwrite`` the run starts afresh, and ``out`` must be a directory slimtune wrote
+    (``NotOurDirectoryError`` otherwise). With ``resume``: ``ValueError`` for a finished run, for
+    a directory that holds files but neither a checkpoint nor slimtune's marker (another
+    program's files: never trained into, never replaced), or for a checkpoint whose settings
     (other than eval_every / save_every) or adapter differ."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out {out} exists and is not a directory")
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other")
+    if overwrite:
+        check_replaceable(out, overwrite=True)
+        return None
     if not resume:
         if out.is_dir() and any(out.iterdir()):
-            raise FileExistsError(f"out {out} already exists (resume=True continues its run)")
+            raise FileExistsError(f"out {out} already exists (resume=True continues its run, "
+                                  "overwrite=True replaces it)")
         return None
-    if files.is_finished(out):
+    checkpoint = files.latest_checkpoint(out)  # (a finished run keeps none: its last write
+    if checkpoint is None and files.is_finished(out):  # replaced them all)
         raise ValueError(f"out {out} holds a finished run: nothing to resume")
-    checkpoint = files.latest_checkpoint(out)
     if checkpoint is None:
+        if out.is_dir() and any(out.iterdir()) and not is_ours(out):
+            raise ValueError(f"out {out} holds files but no slimtune checkpoint to resume from; "
+                             "refusing to train into it (choose another output directory)")
         return None
     saved = files.read_run(checkpoint)
     changed = config.resume_mismatch(saved["config"])
@@ -126,9 +141,12 @@ def _setup_model(model: nn.Module, task, config: TrainConfig, adapter: AdapterCo
 def _new_history(model: nn.Module, config: TrainConfig, adapter: AdapterConfig | None,
                  params: list[nn.Parameter]) -> dict:
     hf_config = getattr(model, "config", None)
+    effective = {**config.model_dump(mode="json"), "seqlen": config.window}
+    if adapter is not None and adapt.needs_calibration(adapter.method):
+        effective["calib_data"] = config.calib_data or config.data
     return {"model": getattr(hf_config, "_name_or_path", None),
             "mode": "full" if adapter is None else "adapter",
-            "config": config.model_dump(mode="json"),
+            "config": effective,
             "adapter": None if adapter is None else adapter.model_dump(mode="json"),
             "trainable_parameters": sum(p.numel() for p in params),
             "parameters": sum(p.numel() for p in model.parameters()),
@@ -136,7 +154,7 @@ def _new_history(model: nn.Module, config: TrainConfig, adapter: AdapterConfig |
 
 
 def train(model: nn.Module, task, config: TrainConfig, out: str | os.PathLike,
-          adapter: AdapterConfig | None = None, resume: bool = False,
+          adapter: AdapterConfig | None = None, resume: bool = False, overwrite: bool = False,
           progress: bool = True) -> tuple[nn.Module, dict]:
     """Fine-tune ``model`` on ``task`` (see the module docstring); return ``(trained model,
     history)``.
@@ -144,11 +162,15 @@ def train(model: nn.Module, task, config: TrainConfig, out: str | os.PathLike,
     ``model`` is a plain base model; it is modified in place (the adapter is applied to it, or
     restored on it from the checkpoint when resuming, or all its parameters are unfrozen). The
     returned model is the task's model around it (a classifier wraps an encoder). ``out`` must not
-    hold files unless ``resume``; with ``resume`` and no checkpoint yet, training starts afresh.
+    hold files unless ``resume`` or ``overwrite`` (see :func:`check_resume`); with ``resume`` and
+    no checkpoint yet, training starts afresh.
     """
     check_calibration(config, adapter)
-    checkpoint = check_resume(out, config, adapter, resume)
+    checkpoint = check_resume(out, config, adapter, resume, overwrite)
     saved = files.read_state(checkpoint) if checkpoint is not None else None
+    files.claim(out, fresh=checkpoint is None)
+    if resume and checkpoint is None:
+        note(f"{out}: no checkpoint to resume from yet; starting at step 0")
     model = _setup_model(model, task, config, adapter, checkpoint, progress)
     with_adapter = adapter is not None
     params = [p for p in model.parameters() if p.requires_grad]
@@ -164,6 +186,7 @@ def train(model: nn.Module, task, config: TrainConfig, out: str | os.PathLike,
         files.set_rng_state(saved["rng"])
         history, start = saved["history"], saved["step"]
         history["resumed_at"].append(start)
+        note(f"resumed from step {start} of {config.steps} ({checkpoint})")
     else:
         torch.manual_seed(config.seed)
         history, start = _new_history(model, config, adapter, params), 0
@@ -193,7 +216,9 @@ def train(model: nn.Module, task, config: TrainConfig, out: str | os.PathLike,
             if done == config.steps or (config.eval_every and done % config.eval_every == 0):
                 record["eval"] = task.evaluate(model)
             history["steps"].append(record)
-            bar.update(bar_task, advance=1, description=f"train loss {loss:.4f} lr {lr:.2e}")
+            tokens = config.batch * config.grad_accum * config.window  # at most (padding)
+            bar.update(bar_task, advance=1, description=f"train loss {loss:.4f} lr {lr:.2e} "
+                       f"{tokens / record['seconds']:.0f} tokens/s")
             if config.save_every and done % config.save_every == 0 and done < config.steps:
                 files.write_checkpoint(out, done, model, {
                     "step": done, "optimizer": optimizer.state_dict(),

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from slimtune import adapt
-from slimtune.io.atomic import atomic_dir
+from slimtune.io.atomic import atomic_dir, mark
 
 CHECKPOINTS, STATE_FILE, RUN_FILE, ADAPTER_DIR = "checkpoints", "state.pt", "run.json", "adapter"
 FULL_WEIGHTS, HISTORY_FILE = "weights.safetensors", "history.json"
@@ -91,6 +91,17 @@ def _save_weights(model: nn.Module, directory: Path) -> None:
 
         save_file({n: p.detach().contiguous().cpu() for n, p in model.named_parameters()},
                   directory / FULL_WEIGHTS)
+
+
+def claim(out: str | os.PathLike, fresh: bool) -> None:
+    """Make ``out`` this run's directory (created, marked as slimtune's). A ``fresh`` run drops
+    the checkpoints of an earlier run there; an earlier final result stays until this run's
+    replaces it."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if fresh and (out / CHECKPOINTS).is_dir():
+        shutil.rmtree(out / CHECKPOINTS)
+    mark(out)
 
 
 def write_checkpoint(out: str | os.PathLike, step: int, model: nn.Module, state: dict,

@@ -8,11 +8,13 @@ The loop (:mod:`slimtune.train.loop`) knows nothing else about the model or the 
   ``load_state_dict()`` save and restore the position in that order (for resuming).
 - ``loss(model, batch)``: the mean loss of a batch; ``evaluate(model)``: held-out metrics.
 - ``calibration(n, seed, data=None)``: ``[n, seqlen]`` token windows for data-driven adapter
-  methods (of the task's own training data, or of text data set ``data``'s train split).
+  methods (of the task's own training data, or of text data set or text file ``data``'s train
+  split).
 
 :class:`CausalLMTask` -- next-token prediction on random windows of ``seqlen`` tokens of a text
-data set's train split; evaluation is :func:`slimtune.evaluate.perplexity` on the first
-``eval_tokens`` tokens of the test split. :class:`ClassificationTask` -- cross-entropy of a
+data set's or UTF-8 text file's train split (:func:`slimtune.data.load_text`); evaluation is
+:func:`slimtune.evaluate.perplexity` on the first ``eval_tokens`` tokens of the test split.
+:class:`ClassificationTask` -- cross-entropy of a
 :class:`~slimtune.train.classifier.SequenceClassifier` on reviews truncated to ``seqlen`` tokens;
 evaluation is :func:`slimtune.evaluate.accuracy` on the first ``eval_examples`` test reviews.
 """
@@ -73,19 +75,36 @@ _SPLIT_IDS: dict[tuple, torch.Tensor] = {}
 
 def split_ids(tokenizer, data: str, split: str) -> torch.Tensor:
     """Token ids of a text split (:func:`slimtune.evaluate.tokenize_text`), cached per tokenizer
-    (its path and vocabulary size), so runs in one process tokenize a split once. Read-only."""
-    from slimtune.data import load_text
+    (its path and vocabulary size) and text source (a registered name, or a text file's resolved
+    path, modification time and size), so runs in one process tokenize a split once. Read-only."""
+    from slimtune.data import load_text, text_source_key
 
-    key = (getattr(tokenizer, "name_or_path", None) or id(tokenizer), len(tokenizer), data, split)
+    key = (getattr(tokenizer, "name_or_path", None) or id(tokenizer), len(tokenizer),
+           text_source_key(data), split)
     if key not in _SPLIT_IDS:
+        text = load_text(data, split)
         if len(_SPLIT_IDS) >= 8:
             _SPLIT_IDS.pop(next(iter(_SPLIT_IDS)))
-        _SPLIT_IDS[key] = tokenize_text(tokenizer, load_text(data, split))
+        _SPLIT_IDS[key] = tokenize_text(tokenizer, text)
     return _SPLIT_IDS[key]
 
 
+def describe_source(data: str) -> str:
+    """How messages name a text source: ``austen``, or ``text file <path as given>``."""
+    from slimtune.data import is_text_file
+
+    return f"text file {data}" if is_text_file(data) else data
+
+
+def describe_split(data: str, split: str) -> str:
+    """How messages name a split: ``austen/train``, or ``the train split of text file <path>``."""
+    source = describe_source(data)
+    return f"the {split} split of {source}" if source != data else f"{data}/{split}"
+
+
 class CausalLMTask:
-    """Causal-LM fine-tuning on text data set ``data`` (see the module docstring)."""
+    """Causal-LM fine-tuning on text data set or UTF-8 text file ``data`` (see the module
+    docstring)."""
 
     full_train_modules: tuple[str, ...] = ()
 
@@ -95,12 +114,13 @@ class CausalLMTask:
         self.eval_batch = eval_batch
         self.train_ids = split_ids(tokenizer, data, "train")
         if self.train_ids.numel() < 2 * seqlen:
-            raise ValueError(f"{data}/train has {self.train_ids.numel()} tokens: too few for "
-                             f"windows of seqlen {seqlen}")
+            raise ValueError(f"{describe_split(data, 'train')} has {self.train_ids.numel()} "
+                             f"tokens: too few for training windows of seqlen {seqlen} (it "
+                             f"needs at least {2 * seqlen})")
         self.test_ids = split_ids(tokenizer, data, "test")[:eval_tokens]
         if self.test_ids.numel() < seqlen:
-            raise ValueError(f"{data}/test has {self.test_ids.numel()} tokens: fewer than one "
-                             f"window of seqlen {seqlen}")
+            raise ValueError(f"{describe_split(data, 'test')} has {self.test_ids.numel()} "
+                             f"tokens: fewer than one window of seqlen {seqlen}")
         self.order = EpochOrder(self._epoch_starts, seed)
 
     def _epoch_starts(self, g: torch.Generator) -> torch.Tensor:
@@ -112,8 +132,9 @@ class CausalLMTask:
 
     def prepare_model(self, model: nn.Module, seed: int = 0) -> nn.Module:
         if not is_causal_lm(model):
-            raise ValueError(f"{self.data} is causal-LM training: the model must be a causal "
-                             f"language model (e.g. smollm2-135m), got {type(model).__name__}")
+            raise ValueError(f"{describe_source(self.data)} is causal-LM training: the model "
+                             f"must be a causal language model (e.g. smollm2-135m), got "
+                             f"{type(model).__name__}")
         return model
 
     def next_batch(self, n: int) -> dict:

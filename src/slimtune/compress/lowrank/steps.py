@@ -40,12 +40,13 @@ DEFAULT_CANDIDATES = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 
 # -- reading layers and statistics ------------------------------------------------------------
 def linear_parts(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
-    """``(weight [out, in], bias or None)`` of an ``nn.Linear`` or ``FactoredLinear``."""
-    if isinstance(layer, nn.Linear):
-        return layer.weight.detach(), None if layer.bias is None else layer.bias.detach()
-    if isinstance(layer, FactoredLinear):
+    """``(weight [out, in], bias or None)`` of an ``nn.Linear`` or ``FactoredLinear``;
+    ``ValueError`` for a weight holding NaN or Inf (no factorisation of it means anything)."""
+    if isinstance(layer, (nn.Linear, FactoredLinear)):
         with torch.no_grad():
-            W = layer.dense_weight().detach()
+            W = (layer.weight if isinstance(layer, nn.Linear) else layer.dense_weight()).detach()
+        if not bool(torch.isfinite(W).all()):
+            raise ValueError(f"a {tuple(W.shape)} weight to compress contains NaN or Inf")
         return W, None if layer.bias is None else layer.bias.detach()
     raise TypeError(f"low-rank compression applies to nn.Linear or FactoredLinear, got "
                     f"{type(layer).__name__}")

@@ -1,0 +1,232 @@
+"""Fault injection: every command, run as a real process on tiny real settings, broken on purpose.
+
+:data:`COMMANDS` is the one table: a command joins the suite by adding one row (how to run it so
+that it writes ``OUT``). For every row: an output the file system refuses (under a file, on a
+read-only tmpfs, on a full one) is one ``error:`` line and exit 2 before any work, with no OUT;
+for every row that writes, SIGKILL and SIGINT while the new OUT is being put in place leave the
+old OUT byte-identical, and the next run removes what the killed one left and writes the same
+bytes as an uninterrupted run. Broken inputs (truncated weights, non-UTF-8 or empty text, a
+model that computes NaN) are one error line too. ``slow`` rows run under ``make test-all``.
+"""
+from __future__ import annotations
+
+import json
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from harness import (cli, error_lines, interrupt_at, killed, leftovers, mount_tmpfs, snapshot,
+                     unmount)
+
+
+@dataclass
+class Workspace:
+    root: Path
+    inputs: dict = field(default_factory=dict)  # shared inputs (an adapter to export, ...)
+
+    @property
+    def out(self) -> Path:
+        return self.root / "out"
+
+
+@dataclass
+class Command:
+    name: str
+    args: Callable[[Workspace, Path], list]     # the command line writing to the given OUT
+    writes: bool = True
+    overwrite: str = "--overwrite"              # how to rerun into an existing OUT
+    slow: bool = False                          # its kill/interrupt cases only in make test-all
+    last_write: str = "out"                     # the name written last: the kill/interrupt point
+
+    def with_model(self, args: list, model) -> list:
+        """``args`` with ``model`` as the model (replacing ``-m X``, or added)."""
+        if "-m" in args:
+            i = args.index("-m")
+            return [*args[:i + 1], model, *args[i + 2:]]
+        return [*args, "-m", model]
+
+
+COMMANDS = [
+    Command("eval", lambda ws, out: ["eval", "-m", "smollm2-135m", "--data", "ptb",
+                                     "--max-tokens", "64", "--seqlen", "32", "--json"],
+            writes=False),
+    Command("inspect", lambda ws, out: ["inspect", "-m", "minilm-l6", "--out", out],
+            overwrite="", slow=True, last_write="layers.json"),
+    Command("compress", lambda ws, out: ["compress", "-m", "minilm-l6", "--recipe",
+                                         "recipes/svd.yaml", "--n", "2", "--seqlen", "16",
+                                         "--out", out]),
+    Command("adapt", lambda ws, out: ["adapt", "-m", "minilm-l6", "--method", "lora", "--r", "2",
+                                      "--task", "finefoods", "--steps", "2", "--batch", "2",
+                                      "--seqlen", "16", "--eval-examples", "8", "--out", out]),
+    Command("export-peft", lambda ws, out: ["export-peft", "--adapter", ws.inputs["adapter"],
+                                            "--out", out], slow=True),
+]
+WRITERS = [c for c in COMMANDS if c.writes]
+
+
+def marks(command: Command, slow_case: bool = False):
+    return pytest.param(command, id=command.name,
+                        marks=[pytest.mark.slow] if slow_case and command.slow else [])
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """Inputs some commands need: a small MiniLM LoRA adapter (for export-peft)."""
+    root = tmp_path_factory.mktemp("inputs")
+    adapter = root / "adapter"
+    proc = cli(["adapt", "-m", "minilm-l6", "--method", "lora", "--r", "2", "--task",
+                "finefoods", "--steps", "1", "--batch", "2", "--seqlen", "16",
+                "--eval-examples", "8", "--out", adapter])
+    assert proc.returncode == 0, proc.stderr
+    return {"adapter": adapter}
+
+
+@pytest.fixture
+def ws(tmp_path, shared):
+    return Workspace(tmp_path, dict(shared))
+
+
+def assert_user_error(proc, message: str) -> None:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    errors = error_lines(proc.stderr)
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+# -- every command: a model that is not there is one error line --------------------------------
+@pytest.mark.parametrize("command", [marks(c) for c in COMMANDS])
+def test_a_missing_model_directory_is_one_error_line(ws, command):
+    proc = cli(command.with_model(command.args(ws, ws.out), ws.root / "no" / "model"))
+    assert_user_error(proc, "no such directory")
+    assert not ws.out.exists()
+
+
+# -- outputs the file system refuses: one error line, before any work ---------------------------
+@pytest.mark.parametrize("command", [marks(c) for c in WRITERS])
+def test_an_output_under_a_file_is_refused(ws, command):
+    (ws.root / "file").write_text("x")
+    out = ws.root / "file" / "out"
+    assert_user_error(cli(command.args(ws, out)), "is not a directory")
+
+
+@pytest.mark.parametrize("options, message", [("ro", "Read-only file system"),
+                                              ("size=256k", "MB are free")])
+@pytest.mark.parametrize("command", [marks(c) for c in WRITERS])
+def test_a_read_only_or_full_file_system_is_refused_before_work(ws, command, options, message):
+    mount = ws.root / "mnt"
+    reason = mount_tmpfs(mount, options)
+    if reason:
+        pytest.skip(reason)
+    try:
+        proc = cli(command.args(ws, mount / "out"))
+        assert_user_error(proc, message)
+        assert not (mount / "out").exists()
+    finally:
+        unmount(mount)
+
+
+# -- killed or interrupted while OUT is put in place --------------------------------------------
+def first_output(ws: Workspace, command: Command) -> dict:
+    proc = cli(command.args(ws, ws.out))
+    assert proc.returncode == 0, proc.stderr
+    return snapshot(ws.out)
+
+
+def rerun(command: Command, ws: Workspace) -> list:
+    return [*command.args(ws, ws.out), *([command.overwrite] if command.overwrite else [])]
+
+
+@pytest.mark.parametrize("command", [marks(c, slow_case=True) for c in WRITERS])
+def test_sigkill_during_the_final_write_keeps_the_old_output(ws, command):
+    before = first_output(ws, command)
+    proc = interrupt_at(rerun(command, ws), f"final-rename:{command.last_write}", signal.SIGKILL,
+                        ws.root)
+    assert killed(proc)
+    assert snapshot(ws.out) == before  # the old OUT, intact
+    target = ws.out if command.last_write == "out" else ws.out / command.last_write
+    assert leftovers(target)  # the killed run's new copy, not yet in place
+    again = cli(rerun(command, ws))
+    assert again.returncode == 0, again.stderr
+    assert "interrupted write" in again.stderr and leftovers(target) == []
+    assert snapshot(ws.out) == before  # same inputs and seeds: the same bytes
+
+
+@pytest.mark.parametrize("command", [marks(c, slow_case=True) for c in WRITERS])
+def test_sigint_during_the_final_write_is_one_error_line_and_leaves_nothing(ws, command):
+    before = first_output(ws, command)
+    proc = interrupt_at(rerun(command, ws), f"final-rename:{command.last_write}", signal.SIGINT,
+                        ws.root)
+    assert proc.returncode == 130, proc.stderr
+    assert error_lines(proc.stderr) == ["error: interrupted (unfinished outputs were not "
+                                        "written)"]
+    assert snapshot(ws.out) == before and leftovers(ws.out) == []
+
+
+@pytest.mark.slow
+def test_adapt_killed_after_a_checkpoint_resumes_to_the_same_bytes(ws):
+    adapt = next(c for c in COMMANDS if c.name == "adapt")
+    args = [*adapt.args(ws, ws.out), "--save-every", "1"]
+    args[args.index("--steps") + 1] = "3"
+    reference = ws.root / "reference"
+    proc = cli([*args[:-1], reference])
+    assert proc.returncode == 0, proc.stderr
+    proc = interrupt_at(args, "final-rename:step-00000002", signal.SIGKILL, ws.root)
+    assert killed(proc)
+    resumed = cli([*args, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from step 1 of 3" in resumed.stderr
+    assert snapshot(ws.out) == snapshot(reference)
+    history = json.loads((ws.out / "history.json").read_text())
+    assert history["resumed_at"] == [1] and history["config"]["seqlen"] == 16
+
+
+# -- broken inputs -----------------------------------------------------------------------------
+def test_truncated_weights_are_one_error_line(ws):
+    compress = next(c for c in COMMANDS if c.name == "compress")
+    first_output(ws, compress)
+    weights = next(ws.out.glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    proc = cli(["eval", "-m", ws.out, "--data", "ptb", "--max-tokens", "64", "--seqlen", "32"])
+    assert_user_error(proc, "could not load model")
+    adapter = ws.root / "adapter"
+    proc = cli(["adapt", "-m", "minilm-l6", "--method", "lora", "--r", "2", "--task",
+                "finefoods", "--steps", "1", "--batch", "2", "--seqlen", "16",
+                "--eval-examples", "8", "--out", adapter])
+    assert proc.returncode == 0, proc.stderr
+    (adapter / "adapter.safetensors").write_bytes(b"\x00" * 100)
+    assert_user_error(cli(["export-peft", "--adapter", adapter, "--out", ws.root / "peft"]),
+                      "adapter.safetensors")
+    assert not (ws.root / "peft").exists()
+
+
+@pytest.mark.parametrize("content, message", [(b"caf\xe9 au lait\n" * 40, "not valid UTF-8"),
+                                              (b"", "holds no text"),
+                                              (b"  \n\n \n", "holds no text")])
+def test_bad_text_is_one_error_line_before_loading(ws, content, message):
+    text = ws.root / "bad.txt"
+    text.write_bytes(content)
+    assert_user_error(cli(["eval", "-m", "smollm2-135m", "--data", text]), message)
+    assert_user_error(cli(["compress", "-m", "minilm-l6", "--recipe", "recipes/svd.yaml",
+                           "--calib", text, "--out", ws.out]), message)
+    assert not ws.out.exists()
+
+
+def test_a_model_computing_nan_is_one_error_line(ws):
+    """A MiniLM copy whose embedding norm has an infinite weight: its calibration activations
+    are not finite from the first block on."""
+    import torch
+
+    from slimtune.models import load_model
+
+    model, tok = load_model("minilm-l6")
+    with torch.no_grad():
+        model.embeddings.LayerNorm.weight[0] = float("inf")
+    model.save_pretrained(ws.root / "poisoned")
+    tok.save_pretrained(ws.root / "poisoned")
+    proc = cli(["compress", "-m", ws.root / "poisoned", "--recipe", "recipes/svd_llm.yaml",
+                "--n", "2", "--seqlen", "16", "--out", ws.out])
+    assert_user_error(proc, "NaN or Inf")
+    assert not ws.out.exists() and leftovers(ws.out) == []
