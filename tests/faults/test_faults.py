@@ -74,13 +74,18 @@ def marks(command: Command, slow_case: bool = False):
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """Inputs some commands need: a small MiniLM LoRA adapter (for export-peft)."""
-    root = tmp_path_factory.mktemp("inputs")
-    adapter = root / "adapter"
-    proc = cli(["adapt", "-m", "minilm-l6", "--method", "lora", "--r", "2", "--task",
-                "finefoods", "--steps", "1", "--batch", "2", "--seqlen", "16",
-                "--eval-examples", "8", "--out", adapter])
-    assert proc.returncode == 0, proc.stderr
+    """Inputs some commands need: a small LoRA adapter on the MiniLM encoder (for export-peft)."""
+    import torch
+
+    from slimtune import adapt
+    from slimtune.models import load_model
+
+    adapter = tmp_path_factory.mktemp("inputs") / "adapter"
+    model = adapt.apply(load_model("minilm-l6")[0], "lora", r=2, progress=False)
+    with torch.no_grad():
+        for p in adapt.trainable_parameters(model).values():
+            p.add_(0.01)
+    adapt.save(model, adapter)
     return {"adapter": adapter}
 
 
@@ -155,6 +160,34 @@ def test_sigkill_during_the_final_write_keeps_the_old_output(ws, command):
 
 
 @pytest.mark.parametrize("command", [marks(c, slow_case=True) for c in WRITERS])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_sigkill_at_a_random_moment_loses_nothing(ws, command, seed):
+    """Killed at a seeded random moment of a rerun into an existing OUT: OUT is the old or the
+    new output (the same bytes here), never half of one; the next run cleans up after it."""
+    import random
+    import subprocess
+    import sys
+    import time
+
+    from harness import REPO, environment
+
+    start = time.monotonic()
+    before = first_output(ws, command)
+    delay = random.Random(f"{command.name}-{seed}").uniform(0.2, time.monotonic() - start)
+    proc = subprocess.Popen([sys.executable, "-m", "slimtune.cli", *map(str, rerun(command, ws))],
+                            cwd=REPO, env=environment(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.kill()
+    proc.communicate()
+    assert snapshot(ws.out) == before, f"killed after {delay:.2f} s"
+    again = cli(rerun(command, ws))
+    assert again.returncode == 0, again.stderr
+    target = ws.out if command.last_write == "out" else ws.out / command.last_write
+    assert leftovers(target) == [] and snapshot(ws.out) == before
+
+
+@pytest.mark.parametrize("command", [marks(c, slow_case=True) for c in WRITERS])
 def test_sigint_during_the_final_write_is_one_error_line_and_leaves_nothing(ws, command):
     before = first_output(ws, command)
     proc = interrupt_at(rerun(command, ws), f"final-rename:{command.last_write}", signal.SIGINT,
@@ -168,14 +201,18 @@ def test_sigint_during_the_final_write_is_one_error_line_and_leaves_nothing(ws, 
 @pytest.mark.slow
 def test_adapt_killed_after_a_checkpoint_resumes_to_the_same_bytes(ws):
     adapt = next(c for c in COMMANDS if c.name == "adapt")
-    args = [*adapt.args(ws, ws.out), "--save-every", "1"]
-    args[args.index("--steps") + 1] = "3"
+
+    def args(out):
+        line = [*adapt.args(ws, out), "--save-every", "1"]
+        line[line.index("--steps") + 1] = "3"
+        return line
+
     reference = ws.root / "reference"
-    proc = cli([*args[:-1], reference])
+    proc = cli(args(reference))
     assert proc.returncode == 0, proc.stderr
-    proc = interrupt_at(args, "final-rename:step-00000002", signal.SIGKILL, ws.root)
+    proc = interrupt_at(args(ws.out), "final-rename:step-00000002", signal.SIGKILL, ws.root)
     assert killed(proc)
-    resumed = cli([*args, "--resume"])
+    resumed = cli([*args(ws.out), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from step 1 of 3" in resumed.stderr
     assert snapshot(ws.out) == snapshot(reference)
