@@ -51,8 +51,8 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
     ("- {method: svd, ratio: 0.5, targets: 7}",
      "step 0 (svd): targets: must be 'all-linear', a regex or a list of names; got 7"),
     ("- {method: tucker, ratio: 0.5}",
-     "step 0: method: unknown method 'tucker'; known methods: asvd, fwsvd, svd, svd_llm"),
-    ("- {ratio: 0.5}", "step 0: method: missing; known methods: asvd, fwsvd, svd, svd_llm"),
+     "step 0: method: unknown method 'tucker'; known methods: " + ", ".join(known_methods())),
+    ("- {ratio: 0.5}", "step 0: method: missing; known methods: " + ", ".join(known_methods())),
     ("- svd", "step 0: must be a mapping with a 'method' key, got 'svd'"),
     ("[]", "the recipe has no steps"),
     ("method: svd", "a recipe mapping has only the key 'steps'; unknown: ['method']"),
@@ -82,7 +82,8 @@ def test_missing_recipe_file_is_a_recipe_error(tmp_path):
 @pytest.mark.parametrize("path", sorted(RECIPES.glob("*.yaml")), ids=lambda p: p.name)
 def test_example_recipes_load_and_build(path):
     configs = load_recipe(path)
-    assert configs and all(c.ratio == 0.8 and c.targets == "all-linear" for c in configs)
+    assert configs and all(c.targets == "all-linear" for c in configs)
+    assert all(c.ratio == 0.8 for c in configs if hasattr(c, "ratio"))
     for step in build_steps(configs):
         assert step.targets == "all-linear" and callable(step.apply)
         assert isinstance(step.needs, frozenset)
@@ -91,6 +92,7 @@ def test_example_recipes_load_and_build(path):
 def test_example_recipes_cover_every_method_and_allocation():
     names = {p.stem for p in RECIPES.glob("*.yaml")}
     assert {"svd", "fwsvd", "asvd", "svd_llm", "svd_llm_welore", "svd_llm_sensitivity"} <= names
+    assert set(known_methods()) <= names  # every registered method has an example
     welore = build_steps(load_recipe(RECIPES / "svd_llm_welore.yaml"))[0]
     sens = build_steps(load_recipe(RECIPES / "svd_llm_sensitivity.yaml"))[0]
     assert isinstance(welore, AllocatedLowRankStep) and welore.allocation == "welore"
@@ -110,7 +112,7 @@ def test_recipe_forms_path_text_list_and_steps_mapping(tmp_path):
 
 def test_needs_and_step_kinds_follow_method_and_allocation():
     expected = {"svd": set(), "fwsvd": {"fisher"}, "asvd": {"mean_abs"}, "svd_llm": {"gram"}}
-    assert known_methods() == sorted(expected)
+    assert set(expected) <= set(known_methods())
     for method, needs in expected.items():
         (step,) = build_steps(load_recipe([{"method": method, "ratio": 0.5}]))
         assert isinstance(step, LowRankStep) and step.needs == needs

@@ -114,12 +114,24 @@ def load_recipe(source) -> list[BaseModel]:
 
 
 def check_targets(model, configs) -> None:
-    """After loading the model: :class:`RecipeError` for a step whose targets match nothing."""
+    """After loading the model, before any work: :class:`RecipeError` for a step whose targets
+    match nothing or include layers it cannot handle (its ``check_layer`` hook)."""
     problems = []
     for i, config in enumerate(configs):
-        if not match_targets(model, config.targets):
+        names = match_targets(model, config.targets)
+        if not names:
             problems.append(f"step {i} ({config.method}): targets: {config.targets!r} match no "
                             f"linear layer in {type(model).__name__}")
+        check = METHODS.get(config.method).hook("check_layer")
+        refused: dict[str, list[str]] = {}
+        for name in names if check is not None else ():
+            try:
+                check(config, name, model.get_submodule(name))
+            except ValueError as err:
+                refused.setdefault(str(err), []).append(name)
+        for message, layers in refused.items():
+            problems.append(f"step {i} ({config.method}): {message} ({len(layers)} targeted "
+                            f"layers, e.g. {', '.join(layers[:3])})")
     if problems:
         raise RecipeError("\n".join(problems))
 

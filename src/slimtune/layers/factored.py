@@ -163,6 +163,7 @@ class FactoredLinear(nn.Module):
         return {
             "in_features": self.in_features, "out_features": self.out_features,
             "base": None if self.base is None else self.base.kind,
+            **({"base_config": self.base.config()} if hasattr(self.base, "config") else {}),
             "mask": self.mask is not None, "bias": self.bias is not None,
             "merged": self.merged,
             "lowrank": None if lr is None else {"rank": lr.rank, "core": lr.core_kind,
@@ -179,7 +180,8 @@ class FactoredLinear(nn.Module):
         """An uninitialised layer with the structure ``describe()`` reported (load values next)."""
         n_in, n_out = d["in_features"], d["out_features"]
         kw = {"dtype": dtype, "device": device}
-        base = None if d["base"] is None else build_base(d["base"], n_out, n_in, **kw)
+        base = (None if d["base"] is None
+                else build_base(d["base"], n_out, n_in, d.get("base_config"), **kw))
         lowrank = (None if d["lowrank"] is None
                    else empty_lowrank(d["lowrank"], n_in, n_out, kw))
         sparse = None

@@ -1,0 +1,119 @@
+"""Dense bit packing of quantised integers (and boolean masks) into ``uint8`` bytes.
+
+Byte layout (what :func:`pack` writes and :func:`unpack` reads), for a ``[rows, n]`` tensor of
+unsigned ``bits``-bit values (``bits`` in 1..8, values in ``[0, 2^bits)``):
+
+* Every row is packed on its own into ``ceil(n * bits / 8)`` bytes; the result is a ``uint8``
+  tensor ``[rows, ceil(n * bits / 8)]`` (row-major, so row ``r`` starts at byte
+  ``r * ceil(n * bits / 8)`` of the flat buffer). Rows never share a byte.
+* A row is a little-endian bit stream: bit ``i`` of the stream is bit ``i % 8`` (``2^(i % 8)``)
+  of byte ``i // 8``, least significant bit first.
+* Value ``k`` of the row occupies stream bits ``k*bits .. k*bits + bits - 1``, its own least
+  significant bit first: bit ``j`` of value ``k`` is stream bit ``k*bits + j``.
+* The unused high bits of a row's last byte (``8 * nbytes - n * bits`` of them) are 0.
+
+So 8 bits is one value per byte (the identity on ``uint8``); 4 bits is two per byte, the first in
+the low nibble (``[1, 2, 3, 4] -> [0x21, 0x43]``); 2 bits is four per byte, the first in the
+lowest two bits; 1 bit is eight per byte, the first in bit 0 (the mask layout of
+:func:`pack_mask`); 3, 5, 6 and 7 bits straddle byte boundaries (3-bit ``[7, 0, 1]`` is the
+stream ``111 000 100`` -> bytes ``[0b01000111, 0b00000000]``).
+
+The values are unsigned: signed quantisation integers ``q`` in ``[q_min, q_max]`` of a
+:class:`~slimtune.weights.quant.QuantSpec` are stored as ``q - q_min`` (:func:`to_unsigned`)
+and recovered with :func:`to_signed`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from slimtune.weights.quant import QuantSpec
+
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _check_bits(bits: int) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an int in 1..8, got {bits!r}")
+
+
+def _check_n(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative int, got {n!r}")
+
+
+def packed_bytes(rows: int, n: int, bits: int) -> int:
+    """Storage size in bytes of ``rows`` rows of ``n`` ``bits``-bit values."""
+    _check_bits(bits)
+    _check_n(n)
+    _check_n(rows)
+    return rows * ((n * bits + 7) // 8)
+
+
+def pack(q: Tensor, bits: int) -> Tensor:
+    """Pack unsigned integers ``q [rows, n]`` in ``[0, 2^bits)`` into ``uint8
+    [rows, ceil(n * bits / 8)]`` (layout in the module docstring), on ``q``'s device."""
+    _check_bits(bits)
+    if not isinstance(q, Tensor) or q.dtype not in _INT_DTYPES:
+        raise ValueError(f"expected an integer tensor, got {getattr(q, 'dtype', type(q))}")
+    if q.ndim != 2:
+        raise ValueError(f"expected a 2-D tensor [rows, n], got shape {tuple(q.shape)}")
+    rows, n = q.shape
+    if q.numel() and (int(q.min()) < 0 or int(q.max()) >= 2 ** bits):
+        raise ValueError(f"values must lie in [0, {2 ** bits}) for {bits} bits, got "
+                         f"[{int(q.min())}, {int(q.max())}]")
+    nbytes = (n * bits + 7) // 8
+    dev = q.device
+    # stream[r, k*bits + j] = bit j of q[r, k]
+    shifts = torch.arange(bits, device=dev, dtype=torch.int32)
+    stream = ((q.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(rows, n * bits)
+    pad = nbytes * 8 - n * bits
+    if pad:
+        stream = torch.cat([stream, stream.new_zeros(rows, pad)], dim=1)
+    weights = torch.arange(8, device=dev, dtype=torch.int32)
+    out = (stream.reshape(rows, nbytes, 8) << weights).sum(dim=-1)
+    return out.to(torch.uint8)
+
+
+def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
+    """The ``n`` values per row of ``packed`` (``uint8 [rows, ceil(n * bits / 8)]``, as written
+    by :func:`pack`), as ``int32 [rows, n]`` on ``packed``'s device."""
+    _check_bits(bits)
+    _check_n(n)
+    if not isinstance(packed, Tensor) or packed.dtype != torch.uint8:
+        raise ValueError(f"expected a uint8 tensor, got {getattr(packed, 'dtype', type(packed))}")
+    if packed.ndim != 2:
+        raise ValueError(f"expected a 2-D tensor [rows, bytes], got shape {tuple(packed.shape)}")
+    rows, width = packed.shape
+    nbytes = (n * bits + 7) // 8
+    if width != nbytes:
+        raise ValueError(f"{n} values of {bits} bits need {nbytes} bytes per row, got {width}")
+    dev = packed.device
+    weights = torch.arange(8, device=dev, dtype=torch.int32)
+    stream = ((packed.to(torch.int32).unsqueeze(-1) >> weights) & 1).reshape(rows, nbytes * 8)
+    stream = stream[:, : n * bits].reshape(rows, n, bits)
+    shifts = torch.arange(bits, device=dev, dtype=torch.int32)
+    return (stream << shifts).sum(dim=-1, dtype=torch.int32)
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """Pack a bool ``mask [rows, n]`` into a ``uint8 [rows, ceil(n / 8)]`` bitmask (the 1-bit
+    layout: element ``k`` of a row is bit ``k % 8`` of byte ``k // 8``)."""
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        raise ValueError(f"expected a bool tensor, got {getattr(mask, 'dtype', type(mask))}")
+    return pack(mask.to(torch.uint8), 1)
+
+
+def unpack_mask(packed: Tensor, n: int) -> Tensor:
+    """The bool ``[rows, n]`` mask of a bitmask written by :func:`pack_mask`."""
+    return unpack(packed, 1, n).bool()
+
+
+def to_unsigned(q: Tensor, spec: QuantSpec) -> Tensor:
+    """Signed integers in ``[q_min, q_max]`` of ``spec`` -> ``int32`` in ``[0, 2^bits)``."""
+    return q.to(torch.int32) - spec.q_min
+
+
+def to_signed(u: Tensor, spec: QuantSpec) -> Tensor:
+    """The inverse of :func:`to_unsigned`: ``int32`` in ``[q_min, q_max]``."""
+    return u.to(torch.int32) + spec.q_min
