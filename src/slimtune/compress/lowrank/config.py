@@ -4,21 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from slimtune.targets import check_target_spec
+from slimtune.compress.config import StepConfig
 
 
-class LowRankConfig(BaseModel):
+class LowRankConfig(StepConfig):
     """Fields shared by the low-rank compression methods (each method's config adds its own)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    method: str
-    targets: str | list[str] = Field(
-        "all-linear", description="which linears: 'all-linear' (every linear but the LM head), a "
-        "list of names (a module matches if its full name equals one or ends with '.' + one), or "
-        "a regex that must match the full module name")
     ratio: float = Field(
         ..., strict=True, description="fraction of the targeted parameters KEPT, in (0, 1): a "
         "rank-k factorisation of an out x in matrix keeps k*(out+in) parameters; uniform "
@@ -33,11 +26,6 @@ class LowRankConfig(BaseModel):
     svd: Literal["exact", "randomized"] = Field(
         "exact", description="exact SVD (default) or the randomized range finder (Halko et al. "
         "2011) for the final rank-k factorisation; allocation always measures with exact SVD")
-
-    @field_validator("targets", mode="before")
-    @classmethod
-    def _targets(cls, v):
-        return check_target_spec(v)
 
     @field_validator("ratio")
     @classmethod

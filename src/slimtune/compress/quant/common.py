@@ -12,34 +12,24 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from torch import Tensor, nn
 
+from slimtune.compress.config import StepConfig
 from slimtune.layers import DenseBase, FactoredLinear, PackedQuantBase
-from slimtune.targets import check_target_spec
 from slimtune.weights.quant import MAX_BITS, MIN_BITS, QuantSpec
 
 Quantise = Callable[[Tensor, object, QuantSpec], tuple]
 
 
-class QuantConfig(BaseModel):
+class QuantConfig(StepConfig):
     """Fields every quantisation method has: ``targets``, ``bits``, ``group_size``, ``sym``."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    method: str
-    targets: str | list[str] = Field("all-linear", description="which linears (as for every "
-                                     "compression step)")
     bits: int = Field(..., strict=True, description=f"bits per weight, {MIN_BITS}..{MAX_BITS}")
     group_size: int | None = Field(None, strict=True, description="input columns sharing one "
                                    "scale (and zero); null = one per output channel. Must "
                                    "divide every targeted layer's input width")
     sym: bool = Field(True, description="symmetric grid (zero point 0) or asymmetric")
-
-    @field_validator("targets", mode="before")
-    @classmethod
-    def _targets(cls, v):
-        return check_target_spec(v)
 
     @field_validator("bits")
     @classmethod
