@@ -57,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
+from slimtune.io.paths import looks_like_path
 from slimtune.io.rlazyload import read_lazyload
 
 TEXT_DATASETS: dict[str, tuple[str, ...]] = {"ptb": ("train", "valid", "test"), "austen": ("train", "test")}
@@ -157,11 +158,6 @@ def is_text_file(value: str) -> bool:
     return value not in TEXT_DATASETS and Path(value).expanduser().is_file()
 
 
-def _looks_like_path(value: str) -> bool:
-    """A separator or a suffix (``book.txt``): a missing file, not an unknown data set name."""
-    return "/" in value or "\\" in value or Path(value).suffix != ""
-
-
 def _text_file_path(value: str) -> Path:
     """``value`` as an existing regular file, else the error for what it is instead."""
     path = Path(value).expanduser()
@@ -169,7 +165,7 @@ def _text_file_path(value: str) -> Path:
         return path
     if value.strip() and path.exists():
         raise DataNotFoundError(f"text file {path} is not a file")
-    if value.strip() and _looks_like_path(value):
+    if value.strip() and looks_like_path(value):
         raise DataNotFoundError(f"text file {path} does not exist")
     raise UnknownTextSourceError(f"unknown text data set {value!r}; valid: "
                                  f"{', '.join(TEXT_DATASETS)} or a UTF-8 text file path")

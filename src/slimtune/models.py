@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from slimtune.io.atomic import atomic_dir
+from slimtune.io.paths import looks_like_path
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # The registered models and the architectures their config.json declares (known without
@@ -112,10 +113,6 @@ def check_model_name(name_or_path: str | os.PathLike) -> None:
     raise ModelNotFoundError(
         f"unknown model {name!r}: use one of {', '.join(MODEL_NAMES)} or a local model directory")
 
-
-def looks_like_path(name: str) -> bool:
-    """Whether a string the user gave is meant as a path rather than a registered name."""
-    return any(sep in name for sep in ("/", "\\")) or name.startswith(("~", "."))
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike) -> Path:
