@@ -3,8 +3,9 @@
 Loads SmolLM2-135M (converting its GGUF once), inspects the singular-value spectra of its 210
 projection weights (writing ``out/demo/spectra.png``), measures perplexity and forward speed on the
 PTB and Austen test splits (first 40 × 512 tokens of each), compresses it with
-``recipes/svd_llm.yaml`` (SVD-LLM, 80% of the projection parameters kept, 16 × 512 PTB-train
-calibration windows) and measures again; then fine-tunes a fresh copy with LoRA (r=16, alpha 32,
+``recipes/demo.yaml`` (GPTQ 4-bit per channel with act_order, then EoRA rank 16, on 16 × 512
+PTB-train calibration windows), saves it (``out/demo/compressed``: MB on disk, bits per weight)
+and measures again; then fine-tunes a fresh copy with LoRA (r=16, alpha 32,
 all projections) on Austen train for --adapt-steps steps of 4 × 128 tokens (lr 2e-4, the
 library's training loop; adapter written to ``out/demo/lora-austen``) and measures again: Austen
 perplexity falls (the tuned task), PTB shows what it costs elsewhere. Prints one table.
@@ -27,11 +28,14 @@ from slimtune.analyze.spectra import layer_spectra, plot_spectra
 from slimtune.calib import calibration_windows, run_pipeline
 from slimtune.compress import build_steps, load_recipe
 from slimtune.data import load_text
-from slimtune.evaluate import parameter_count, peak_rss_mb, perplexity, tokenize_text
-from slimtune.models import load_model
+from slimtune.evaluate import (bytes_on_disk, parameter_count, peak_rss_mb, perplexity,
+                               tokenize_text)
+from slimtune.io.checkpoint import save_model
+from slimtune.layers import storage_report
+from slimtune.models import load_model, weights_bytes
 from slimtune.train import build_task, make_train_config, train
 
-RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "svd_llm.yaml"
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "demo.yaml"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -41,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--out", type=Path, default=Path("out/demo"))
     ap.add_argument("--recipe", type=Path, default=RECIPE,
-                    help="compression recipe for the compressed rows (default: svd_llm, 80%% kept)")
+                    help="compression recipe for the compressed row (default: gptq 4-bit + eora 16)")
     ap.add_argument("--calib-n", type=int, default=16, help="calibration windows of 512 tokens")
     ap.add_argument("--adapt-steps", type=int, default=30,
                     help="LoRA steps on Austen train (0: skip the adaptation rows)")
@@ -63,25 +67,35 @@ def main(argv: list[str] | None = None) -> None:
 
     table = Table(title=f"slimtune demo: {args.model} (perplexity: first {args.max_tokens} tokens, "
                         f"seqlen {args.seqlen}; spectra: median over layers, plot {png})")
-    columns = ("what", "data / shape", "perplexity", "tokens/s", "stable rank", "effective rank",
-               "energy r=8/32/128")
+    columns = ("what", "data / shape", "perplexity", "tokens/s", "MB on disk", "stable rank",
+               "effective rank", "energy r=8/32/128")
     for col in columns:
         table.add_column(col, justify="left" if col in columns[:2] else "right")
     test_ids = {data: tokenize_text(tok, load_text(data, "test")) for data in ("ptb", "austen")}
 
-    def add_perplexity_rows(label: str) -> None:
+    def add_perplexity_rows(label: str, megabytes: float | None = None) -> None:
         for data, ids in test_ids.items():
             res = perplexity(model, ids, seqlen=args.seqlen, max_tokens=args.max_tokens)
             table.add_row(label, f"{data} test ({res['tokens']:,} scored)",
-                          f"{res['perplexity']:.2f}", f"{res['tokens_per_s']:.0f}", "-", "-", "-")
+                          f"{res['perplexity']:.2f}", f"{res['tokens_per_s']:.0f}",
+                          "-" if megabytes is None else f"{megabytes:.0f}", "-", "-", "-")
 
-    add_perplexity_rows(f"dense ({parameter_count(model) / 1e6:.1f}M)")
+    add_perplexity_rows(f"dense ({parameter_count(model) / 1e6:.1f}M)",
+                        weights_bytes(args.model) / 1e6)
     windows = calibration_windows(tok, "ptb", "train", n=args.calib_n, seqlen=512, seed=0)
     t = time.perf_counter()
-    run_pipeline(model, windows, build_steps(configs))
+    report = run_pipeline(model, windows, build_steps(configs))
+    seconds = time.perf_counter() - t
+    saved = save_model(model, tok, args.out / "compressed", overwrite=True,
+                       metadata={"recipe": [c.model_dump() for c in configs]})
+    storage = storage_report(model, sorted({n for e in report["steps"] for n in e["layers"]}))
     console.print(f"compressed with {args.recipe} on {args.calib_n}×512 PTB-train windows in "
-                  f"{time.perf_counter() - t:.0f} s")
-    add_perplexity_rows(f"{args.recipe.stem} ({parameter_count(model) / 1e6:.1f}M)")
+                  f"{seconds:.0f} s: {storage['layers']} layers at "
+                  f"{storage['bits_per_weight']:.2f} bits per weight (scales, zeros and low-rank "
+                  f"parts included); saved to {saved}")
+    methods = " + ".join(c.method for c in configs)
+    add_perplexity_rows(f"{methods} ({storage['bits_per_weight']:.2f} bits/weight)",
+                        bytes_on_disk(saved) / 1e6)
     if args.adapt_steps:
         del model
         model, tok = load_model(args.model)
@@ -104,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     for layer_type, group in by_type.items():
         med = {k: statistics.median(r[k] for r in group)
                for k in ("stable_rank", "effective_rank", "energy_r8", "energy_r32", "energy_r128")}
-        table.add_row(f"{layer_type.rsplit('.', 1)[-1]} ×{len(group)}", "×".join(map(str, group[0]["shape"])), "-", "-",
+        table.add_row(f"{layer_type.rsplit('.', 1)[-1]} ×{len(group)}",
+                      "×".join(map(str, group[0]["shape"])), "-", "-", "-",
                       f"{med['stable_rank']:.1f}", f"{med['effective_rank']:.0f}",
                       f"{med['energy_r8']:.2f} / {med['energy_r32']:.2f} / {med['energy_r128']:.2f}")
     console.print(table)

@@ -158,6 +158,28 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
     return model, tokenizer
 
 
+def model_skeleton(name_or_path: str | os.PathLike) -> nn.Module:
+    """The model's modules without weights (on the ``meta`` device), built from its config
+    alone -- to check layer shapes before loading (and, for SmolLM2, before converting) it."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    check_model_name(name_or_path)
+    name = str(name_or_path)
+    path = resolve_model_dir(name) if name != "smollm2-135m" else cache_root() / "models" / name
+    try:
+        if (path / "config.json").is_file():
+            config = AutoConfig.from_pretrained(path)
+        else:
+            gguf = smollm2_gguf_path()
+            config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except (OSError, ValueError, json.JSONDecodeError) as err:
+        raise ModelNotFoundError(f"could not read the config of {name}: {err}") from err
+    causal = is_causal_lm(config) or is_causal_lm(model_architectures(name))
+    cls = AutoModelForCausalLM if causal else AutoModel
+    with torch.device("meta"):
+        return cls.from_config(config)
+
+
 def model_architectures(name_or_path: str | os.PathLike) -> list[str]:
     """The architectures a model's ``config.json`` declares, without loading it."""
     check_model_name(name_or_path)

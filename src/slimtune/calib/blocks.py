@@ -109,7 +109,8 @@ class SameInput:
         self._seen.clear()
 
 
-def _update(stats: dict, seen: SameInput, name: str, track_gram: bool, module, args) -> None:
+def _update(stats: dict, seen: SameInput, name: str, track_gram: bool, dtype: torch.dtype,
+            module, args) -> None:
     """Forward pre-hook: add the inputs to ``stats[name]`` in chunks (bounds the float64 copies).
 
     Linears fed the very same tensor in one block call share one statistics object.
@@ -123,7 +124,7 @@ def _update(stats: dict, seen: SameInput, name: str, track_gram: bool, module, a
         return
     flat = x.reshape(-1, x.shape[-1])
     if name not in stats:
-        stats[name] = InputStatistics(flat.shape[-1], torch.float64, flat.device, track_gram)
+        stats[name] = InputStatistics(flat.shape[-1], dtype, flat.device, track_gram)
     for chunk in flat.split(STATS_CHUNK):
         stats[name].update(chunk)
     seen.remember(x, stats[name])
@@ -161,15 +162,17 @@ class BlockRunner:
             self.blocks[0] = self.blocks[0].inner
         self.outs = torch.empty_like(self.inps)
 
-    def run(self, i: int, what: str, hooks: dict | None = None, keep: bool = False) -> dict:
+    def run(self, i: int, what: str, hooks: dict | None = None, keep: bool = False,
+            stats_dtype: torch.dtype = torch.float64) -> dict:
         """Run block i over all windows with ``hooks`` ({name: track_gram}); outputs to ``outs``.
 
-        If any hooked layer needs the Gram matrix, every statistics object of this run tracks it.
+        If any hooked layer needs the Gram matrix, every statistics object of this run tracks it;
+        they accumulate in ``stats_dtype``.
         """
         block, stats, seen, handles = self.blocks[i], {}, SameInput(), []
         track_gram = any((hooks or {}).values())  # shared statistics must serve every sharer
         for name in hooks or {}:
-            hook = partial(_update, stats, seen, name, track_gram)
+            hook = partial(_update, stats, seen, name, track_gram, stats_dtype)
             handles.append(self.model.get_submodule(name).register_forward_pre_hook(hook))
         dtype = next(block.parameters()).dtype
         self.bar.reset(self.task, total=len(self.inps), description=f"block {i}: {what}")

@@ -12,7 +12,8 @@ for) the errors made before it, and only one block's activations are ever in mem
    arguments (attention mask, position embeddings/ids, ...; kept once per batch size, as windows
    of equal length without padding get the same ones), then raises to stop the forward, so only
    the embedding part runs (``use_cache=False``).
-2. For each block in order, for each step in order: forward pre-hooks on the block's linears that
+2. For each block in order (the weights of its targets are copied first when a step needs the
+   ``"original"``), for each step in order: forward pre-hooks on the block's linears that
    the step targets accumulate the statistics it ``needs`` (:class:`InputStatistics`, over all
    windows in batches of ``batch_size``) while the block runs; then ``step.apply(name, layer,
    stats)`` returns each layer's replacement, set in place. A later step therefore sees the
@@ -45,21 +46,30 @@ from slimtune.progress import progress_bar, warn
 from slimtune.targets import Targets, match_targets, set_module
 from slimtune.weights.stats import InputStatistics
 
-NEEDS = frozenset({"gram", "mean_abs", "fisher"})
+NEEDS = frozenset({"gram", "mean_abs", "fisher", "original"})
 
 
 @dataclass
 class LayerStats:
     inputs: InputStatistics | None  # over this layer's inputs (all calibration tokens)
     fisher: torch.Tensor | None  # [out, in] mean squared gradient of the calibration LM loss
+    original: torch.Tensor | None = None  # [out, in] the layer's weight before any step ran
 
 
 @runtime_checkable
 class BlockStep(Protocol):
     """A compression step. ``targets`` as for ``match_targets`` (full model names); ``needs`` ⊆
     :data:`NEEDS`: ``"gram"`` gives ``stats.inputs`` = float64 :class:`InputStatistics` with X^T X,
-    ``"mean_abs"`` alone one without (``track_gram=False``), ``"fisher"`` gives ``stats.fisher``.
-    Optional ``measure(name, layer, stats)`` + ``allocate()``: the two-pass protocol above."""
+    ``"mean_abs"`` alone one without (``track_gram=False``; it still has the per-column sums of
+    ``|x|`` and ``x²``), ``"fisher"`` gives ``stats.fisher``, ``"original"`` gives
+    ``stats.original``: the layer's weight as it was before this block's first step (kept until
+    the block is done, so a compensating step sees what the earlier steps changed).
+    Optional ``measure(name, layer, stats)`` + ``allocate()``: the two-pass protocol above.
+    Optional ``stats_dtype``: the dtype its input statistics accumulate in (float64 unless the
+    step says float32, as the OBS steps do: their Gram is damped anyway and float32 halves
+    the time of the largest cost of a calibration pass).
+    Optional ``prepare(model, names)``: called once before the block walk with the step's
+    targets inside the blocks (e.g. one global threshold over all of them)."""
 
     targets: Targets
     needs: frozenset[str]
@@ -90,6 +100,11 @@ def warn_small_calibration(model: nn.Module, steps, per_step, windows: torch.Ten
                  f"the {widest} inputs of {len(short)} targeted layers (e.g. {short[0]}), so "
                  f"their Gram matrices are rank-deficient and the results will be poor; use at "
                  f"least {widest} tokens (e.g. {windows_needed} windows of {windows.shape[1]})")
+
+
+def _weight(layer: nn.Module) -> torch.Tensor:
+    dense = getattr(layer, "dense_weight", None)
+    return (dense() if callable(dense) else layer.weight).detach()
 
 
 def _hooks_for(pairs) -> dict:
@@ -177,10 +192,16 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
         fisher = fisher_diagonals(model, windows, fisher_names, progress=progress)
         report["fisher_seconds"] = time.perf_counter() - t
 
+    originals: dict[str, torch.Tensor] = {}
+
     def stats_for(name, needs, inputs):
         return LayerStats(inputs.get(name) if needs & {"gram", "mean_abs"} else None,
-                          fisher.get(name) if "fisher" in needs else None)
+                          fisher.get(name) if "fisher" in needs else None,
+                          originals.get(name) if "original" in needs else None)
 
+    for step, (needs, by_block) in zip(steps, per_step):
+        if callable(getattr(step, "prepare", None)):
+            step.prepare(model, [n for b in by_block for n in b])
     bar, block_task = progress_bar(len(blocks) * (1 + bool(two_pass)), "blocks", progress)
     batch_task = bar.add_task("batches", total=len(windows))
     walker = BlockRunner(model, blocks, windows, batch_size, bar, batch_task)
@@ -207,13 +228,18 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
             check_finite(walker.inps, "the embeddings (inputs of block 0)")
             report["capture_seconds"] = time.perf_counter() - t
             for i in range(len(blocks)):
+                originals = {n: _weight(model.get_submodule(n)).clone()
+                             for needs, by_block in per_step if "original" in needs
+                             for n in by_block[i]}
                 for k, (step, (needs, by_block)) in enumerate(zip(steps, per_step)):
                     names, entry = by_block[i], report["steps"][k]
                     if not names:
                         continue
                     t = time.perf_counter()
                     hooks = _hooks_for([(names, needs)])
-                    inputs = walker.run(i, f"step {k} stats", hooks) if hooks else {}
+                    inputs = (walker.run(i, f"step {k} stats", hooks,
+                                         stats_dtype=getattr(step, "stats_dtype", torch.float64))
+                              if hooks else {})
                     for name in names:
                         layer = model.get_submodule(name)
                         with warnings.catch_warnings(record=True) as caught:
@@ -246,6 +272,7 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
                 for needs, by_block in per_step:
                     for name in by_block[i]:
                         fisher.pop(name, None)
+                originals = {}
                 if heap == "trim":
                     trim_heap()
                 bar.advance(block_task)

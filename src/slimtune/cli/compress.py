@@ -46,10 +46,20 @@ def compress_command(
         configs = load_recipe(recipe)
     except RecipeError as err:
         fail(f"{recipe}: {err}")
-    from slimtune.models import weights_bytes
+    from slimtune.models import ModelNotFoundError, model_skeleton, weights_bytes
 
     check_output(out, weights_bytes(model), overwrite=overwrite)  # at most the model's size
     calib_file = check_data(calib, "train", "--calib")
+    try:  # layer shapes (group sizes, N:M widths) before any weight is loaded
+        skeleton = model_skeleton(model)
+    except (ModelNotFoundError, ValueError):
+        skeleton = None  # e.g. an adapter directory: checked once loaded
+    if skeleton is not None:
+        try:
+            check_targets(skeleton, configs)
+        except RecipeError as err:
+            fail(f"{recipe}: {err}")
+        del skeleton
 
     from slimtune.calib import calibration_windows, run_pipeline
     from slimtune.io.checkpoint import save_model
@@ -67,13 +77,22 @@ def compress_command(
     start = time.perf_counter()
     report = run_pipeline(lm, windows, build_steps(configs), batch_size=batch_size)
     seconds = time.perf_counter() - start
+    from slimtune.layers import storage_report
+
+    compressed = sorted({n for entry in report["steps"] for n in entry["layers"]})
+    storage = storage_report(lm, compressed)
     metadata = {"source_model": model, "recipe": [c.model_dump() for c in configs],
                 "calibration": {"data": str(calib_file or calib), "n": n, "seqlen": seqlen,
                                 "seed": seed},
-                "compress_seconds": seconds}
+                "compress_seconds": seconds, "storage": storage}
     save_model(lm, tokenizer, out, metadata=metadata, merge=merge, overwrite=overwrite)
     from slimtune.evaluate import bytes_on_disk, parameter_count, peak_rss_mb
 
     stdout.print(f"compressed {model} with {recipe} in {seconds:.0f} s: "
                  f"{parameter_count(lm):,} parameters, {bytes_on_disk(out) / 1e6:.1f} MB on disk, "
                  f"peak RSS {peak_rss_mb():.0f} MB -> {out}")
+    storage = storage_report(lm, compressed)  # as saved (dense again with --merge)
+    stdout.print(f"{storage['layers']} compressed layers: {storage['bits_per_weight']:.3f} bits "
+                 f"per weight (packed integers, scales, zeros, masks, sparse and low-rank parts "
+                 f"included), {storage['megabytes']:.1f} MB of the model's "
+                 f"{bytes_on_disk(out) / 1e6:.1f} MB on disk")

@@ -4,7 +4,9 @@
 Importing this package registers every built-in method once.
 """
 from slimtune.compress.lowrank import asvd, fwsvd, svd, svd_llm  # noqa: F401  (registers them)
-from slimtune.compress.quant import gptq, rtn  # noqa: F401
+from slimtune.compress.quant import gptq, outliers, rtn  # noqa: F401
+from slimtune.compress.prune import magnitude, sparsegpt, wanda  # noqa: F401
+from slimtune.compress.compensate import eora, lost, lowrank_first  # noqa: F401
 from slimtune.compress.recipe import (RecipeError, build_steps, check_targets, known_methods,
                                       load_recipe, method_config)
 from slimtune.compress.registry import METHODS

@@ -16,7 +16,12 @@ A recipe file is a YAML list of steps, or a mapping whose only key ``steps`` hol
   parameter, ratio outside (0, 1), empty or ill-formed targets) is a :class:`RecipeError` naming
   the step index (counting from 0, as the pipeline's report does), the method and the key, e.g.
   ``step 2 (svd_llm): ratio: must be in (0, 1), got 1.5``.
-- :func:`check_targets` (after the model is loaded): every step's targets match some linear.
+- A compensating step (its config class sets ``compensates = True``, e.g. ``eora``) repairs what
+  earlier steps changed: with no compressing step before it the recipe is refused, and
+  :func:`check_targets` refuses one that targets a layer no earlier compressing step targets.
+- :func:`check_targets` (after the model is loaded, or on its weightless skeleton
+  :func:`slimtune.models.model_skeleton`): every step's targets match some linear, and every
+  targeted layer passes the step's ``check_layer`` (e.g. the group size divides its width).
 - :func:`build_steps` turns configs into pipeline steps.
 Methods live in :data:`slimtune.compress.registry.METHODS` (``METHODS.register("name",
 NameConfig, build=build)`` at the bottom of each method's file, ``build(config) -> step``); the
@@ -108,17 +113,44 @@ def load_recipe(source) -> list[BaseModel]:
             configs.append(METHODS.make_config(method, f"step {i}", **params))
         except ConfigError as err:
             problems.extend(str(err).splitlines())
+    if not problems:
+        problems = _order_problems(configs)
     if problems:
         raise RecipeError("\n".join(problems))
     return configs
 
 
+def compensates(config) -> bool:
+    return bool(getattr(type(config), "compensates", False))
+
+
+def _order_problems(configs, matched: list[set[str]] | None = None) -> list[str]:
+    """Compensating steps need a compressing step before them (on every layer they target)."""
+    problems = []
+    for i, config in enumerate(configs):
+        if not compensates(config):
+            continue
+        earlier = [k for k in range(i) if not compensates(configs[k])]
+        where = f"step {i} ({config.method})"
+        if not earlier:
+            problems.append(f"{where}: compensates what earlier steps lost, but no step before "
+                            "it compresses anything (put e.g. a gptq or sparsegpt step first)")
+        elif matched is not None:
+            covered = set().union(*(matched[k] for k in earlier))
+            alone = sorted(matched[i] - covered)
+            if alone:
+                problems.append(f"{where}: targets: {len(alone)} layers that no earlier step "
+                                f"compresses, e.g. {', '.join(alone[:3])}")
+    return problems
+
+
 def check_targets(model, configs) -> None:
     """After loading the model, before any work: :class:`RecipeError` for a step whose targets
     match nothing or include layers it cannot handle (its ``check_layer`` hook)."""
-    problems = []
+    problems, matched = [], []
     for i, config in enumerate(configs):
         names = match_targets(model, config.targets)
+        matched.append(set(names))
         if not names:
             problems.append(f"step {i} ({config.method}): targets: {config.targets!r} match no "
                             f"linear layer in {type(model).__name__}")
@@ -132,6 +164,7 @@ def check_targets(model, configs) -> None:
         for message, layers in refused.items():
             problems.append(f"step {i} ({config.method}): {message} ({len(layers)} targeted "
                             f"layers, e.g. {', '.join(layers[:3])})")
+    problems += _order_problems(configs, matched)
     if problems:
         raise RecipeError("\n".join(problems))
 

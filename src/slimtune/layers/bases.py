@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from slimtune.layers.kernels import quant_matmul
 from slimtune.weights.packing import pack, packed_bytes, unpack
 from slimtune.weights.quant import Grid, QuantSpec, dequantize
 
@@ -42,7 +43,8 @@ class PackedQuantBase(nn.Module):
     ``packed`` (uint8 ``[out, ceil(in·bits/8)]``, unsigned ``q - q_min``), ``scale`` (float
     ``[out, groups]``) and ``zero`` (int8 ``[out, groups]``, all 0 when symmetric).
 
-    ``forward`` dequantises the weight per call. It cannot absorb updates (``add_`` refuses):
+    ``forward`` runs PyTorch's CPU weight-only kernel where one applies
+    (:mod:`slimtune.layers.kernels`), else dequantises the weight per call. It cannot absorb updates (``add_`` refuses):
     a layer with a packed base keeps its low-rank and sparse parts separate, or becomes dense
     through ``FactoredLinear.to_dense``."""
 
@@ -57,6 +59,7 @@ class PackedQuantBase(nn.Module):
         self.register_buffer("packed", packed)
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
+        self._kernel_cache = None  # a CPU kernel's prepared operands (slimtune.layers.kernels)
 
     @classmethod
     def from_integers(cls, q: Tensor, grid: Grid) -> "PackedQuantBase":
@@ -90,7 +93,10 @@ class PackedQuantBase(nn.Module):
         return dequantize(self.integers(), self.grid(), dtype=self.scale.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dense_weight().to(x.dtype))
+        """``x @ W_hatᵀ``: through PyTorch's CPU weight-only kernel where one applies
+        (:mod:`slimtune.layers.kernels`), else by dequantising the whole weight."""
+        out = quant_matmul(self, x)
+        return F.linear(x, self.dense_weight().to(x.dtype)) if out is None else out
 
     def add_(self, delta: Tensor) -> None:
         raise ValueError("a packed quantised base cannot absorb an update: keep the low-rank or "

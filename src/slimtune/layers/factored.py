@@ -5,7 +5,8 @@
 - base: a module with ``dense_weight()``, ``forward(x)`` and ``add_(delta)`` (``DenseBase`` here; a
   packed quantised base implements the same three methods). It may be absent (pure low-rank, as
   compression leaves a layer).
-- M: an optional fixed mask on the base (pruning).
+- M: an optional fixed mask on the base (pruning), stored as a bitmask (``mask_bits``, uint8
+  ``[out, ceil(in/8)]``, :func:`slimtune.weights.packing.pack_mask`); ``mask`` unpacks it.
 - low-rank: ``LowRank`` holds A (r×in), B (out×r), an optional core K (none, diagonal or r×r) and
   the scale s. Any module with ``forward(x)``, ``delta_weight()`` and ``rank`` can take its place
   (generated factors, DoRA-style transforms are added that way, never as branches in forward).
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 
 from slimtune.layers.bases import DenseBase, build_base
 from slimtune.layers.parts import LowRank, SparseDelta, build_transform, empty_lowrank
+from slimtune.weights.packing import pack_mask, unpack_mask
 
 
 class FactoredLinear(nn.Module):
@@ -47,7 +49,7 @@ class FactoredLinear(nn.Module):
         if origin is not None and base is None:
             raise ValueError("an origin records a change of the base weight; there is no base")
         self.base, self.lowrank, self.sparse = base, lowrank, sparse
-        self.register_buffer("mask", mask)
+        self.register_buffer("mask_bits", None if mask is None else self._packed_mask(mask))
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.transform, self.origin = transform, origin
         if origin is not None:
@@ -62,13 +64,33 @@ class FactoredLinear(nn.Module):
         return cls(linear.in_features, linear.out_features, base=DenseBase(linear.weight.data),
                    bias=bias, **parts)
 
+    def _packed_mask(self, mask: Tensor) -> Tensor:
+        if tuple(mask.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"a mask must have the weight's shape ({self.out_features}, "
+                             f"{self.in_features}), got {tuple(mask.shape)}")
+        return pack_mask(mask if mask.dtype == torch.bool else mask != 0)
+
+    @property
+    def mask(self) -> Tensor | None:
+        """The base's mask as a bool ``[out, in]`` tensor (True = kept), or None."""
+        return None if self.mask_bits is None else unpack_mask(self.mask_bits, self.in_features)
+
+    def set_mask(self, mask: Tensor | None) -> None:
+        """Replace the mask (bool or 0/1 ``[out, in]``; None removes it)."""
+        if mask is not None and self.base is None:
+            raise ValueError("a mask applies to the base weight; there is no base")
+        device = next(iter(self.base.state_dict().values())).device
+        self.mask_bits = None if mask is None else self._packed_mask(mask).to(device)
+
     # -- weights -----------------------------------------------------------------------------
     def base_weight(self) -> Tensor | None:
         """The base as a dense tensor with the mask applied (None if there is no base)."""
         if self.base is None:
             return None
         W = self.base.dense_weight()
-        return W if self.mask is None or self.merged else W * self.mask
+        if self.mask_bits is None or self.merged:
+            return W
+        return torch.where(self.mask, W, torch.zeros((), dtype=W.dtype, device=W.device))
 
     def delta_weight(self) -> Tensor | None:
         """The low-rank plus sparse update as a dense out × in tensor (None if neither)."""
@@ -96,7 +118,8 @@ class FactoredLinear(nn.Module):
         else:
             out = None
             if self.base is not None:
-                out = self.base(h) if self.mask is None else F.linear(h, self.base_weight())
+                out = (self.base(h) if self.mask_bits is None
+                       else F.linear(h, self.base_weight().to(h.dtype)))
             for part in (self.lowrank, self.sparse):
                 if part is not None:
                     out = part(h, out)
@@ -107,9 +130,11 @@ class FactoredLinear(nn.Module):
         return out if out.dtype == x.dtype else out.to(x.dtype)
 
     def _param_dtype(self) -> torch.dtype:
-        for p in self.parameters():
-            if p.is_floating_point():
-                return p.dtype
+        """The dtype the layer computes in: its first floating parameter's, else its first
+        floating buffer's (a packed base's scales), else float32."""
+        for t in (*self.parameters(), *self.buffers()):
+            if t.is_floating_point():
+                return t.dtype
         return torch.float32
 
     # -- merge / unmerge / export ------------------------------------------------------------
@@ -124,7 +149,7 @@ class FactoredLinear(nn.Module):
             ref = next(self.parameters())
             self.base = DenseBase(torch.zeros(self.out_features, self.in_features,
                                               dtype=ref.dtype, device=ref.device))
-        elif self.mask is not None:
+        elif self.mask_bits is not None:
             self.base.add_(self.base_weight() - self.base.dense_weight())
         if D is not None:
             self.base.add_(D)
@@ -164,7 +189,7 @@ class FactoredLinear(nn.Module):
             "in_features": self.in_features, "out_features": self.out_features,
             "base": None if self.base is None else self.base.kind,
             **({"base_config": self.base.config()} if hasattr(self.base, "config") else {}),
-            "mask": self.mask is not None, "bias": self.bias is not None,
+            "mask": self.mask_bits is not None, "bias": self.bias is not None,
             "merged": self.merged,
             "lowrank": None if lr is None else {"rank": lr.rank, "core": lr.core_kind,
                                                 "scale": lr.scale},
@@ -189,7 +214,8 @@ class FactoredLinear(nn.Module):
             n = d["sparse_nnz"]
             sparse = SparseDelta((n_out, n_in), torch.zeros(n, dtype=torch.long, device=device),
                                  torch.empty(n, **kw))
-        mask = torch.empty(n_out, n_in, **kw) if d["mask"] else None
+        mask = (torch.ones(n_out, n_in, dtype=torch.bool, device=device) if d["mask"]
+                else None)
         bias = torch.empty(n_out, **kw) if d["bias"] else None
         transform = (None if d.get("transform") is None
                      else build_transform(d["transform"], n_out, **kw))

@@ -98,8 +98,11 @@ def _sweep(W: Tensor, U: Tensor, block_size: int, rule: ColumnRule) -> tuple[Ten
 
 
 def gptq(W: Tensor, H: Tensor, spec: QuantSpec, block_size: int = 128, act_order: bool = False,
-         damp: float = 0.01) -> GPTQResult:
-    """GPTQ of ``W [out, in]`` under the undamped Hessian ``H [in, in]`` (module docstring)."""
+         damp: float = 0.01, keep: Tensor | None = None) -> GPTQResult:
+    """GPTQ of ``W [out, in]`` under the undamped Hessian ``H [in, in]`` (module docstring).
+    ``keep`` (bool ``[out, in]``): entries outside it are pruned and quantised to exactly 0."""
+    if keep is not None and keep.shape != W.shape:
+        raise ValueError(f"keep mask shape {tuple(keep.shape)} != weight {tuple(W.shape)}")
     out_dtype = compute_dtype(W)
     W64, H64, dead = _prepare(W, H, block_size)
     g = spec.group_width(W.shape[1])
@@ -111,11 +114,14 @@ def gptq(W: Tensor, H: Tensor, spec: QuantSpec, block_size: int = 128, act_order
     # the (scale, zero) of every swept position, from its natural group
     scale = grid.scale[:, perm // g]
     zero = grid.zero.to(scale.dtype)[:, perm // g]
+    kept = None if keep is None else keep.to(W.device)[:, perm]
     q_int = torch.zeros(W.shape, dtype=torch.int32, device=W.device)
 
     def rule(j: int, i: int, W1: Tensor, U1: Tensor) -> Tensor:
         s, z = scale[:, j], zero[:, j]
         qj = quantize_values(W1[:, i].to(s.dtype), s, z, spec)
+        if kept is not None:
+            qj = torch.where(kept[:, j], qj, z.to(qj.dtype))
         q_int[:, j] = qj.to(torch.int32)
         return dequantize_values(qj, s, z).to(torch.float64)
 

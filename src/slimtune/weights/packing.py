@@ -62,17 +62,7 @@ def pack(q: Tensor, bits: int) -> Tensor:
     if q.numel() and (int(q.min()) < 0 or int(q.max()) >= 2 ** bits):
         raise ValueError(f"values must lie in [0, {2 ** bits}) for {bits} bits, got "
                          f"[{int(q.min())}, {int(q.max())}]")
-    nbytes = (n * bits + 7) // 8
-    dev = q.device
-    # stream[r, k*bits + j] = bit j of q[r, k]
-    shifts = torch.arange(bits, device=dev, dtype=torch.int32)
-    stream = ((q.to(torch.int32).unsqueeze(-1) >> shifts) & 1).reshape(rows, n * bits)
-    pad = nbytes * 8 - n * bits
-    if pad:
-        stream = torch.cat([stream, stream.new_zeros(rows, pad)], dim=1)
-    weights = torch.arange(8, device=dev, dtype=torch.int32)
-    out = (stream.reshape(rows, nbytes, 8) << weights).sum(dim=-1)
-    return out.to(torch.uint8)
+    return _pack_words(q, bits)
 
 
 def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
@@ -88,12 +78,42 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     nbytes = (n * bits + 7) // 8
     if width != nbytes:
         raise ValueError(f"{n} values of {bits} bits need {nbytes} bytes per row, got {width}")
-    dev = packed.device
-    weights = torch.arange(8, device=dev, dtype=torch.int32)
-    stream = ((packed.to(torch.int32).unsqueeze(-1) >> weights) & 1).reshape(rows, nbytes * 8)
-    stream = stream[:, : n * bits].reshape(rows, n, bits)
-    shifts = torch.arange(bits, device=dev, dtype=torch.int32)
-    return (stream << shifts).sum(dim=-1, dtype=torch.int32)
+    return _unpack_words(packed, bits, n)
+
+
+# Eight values of b bits are exactly b bytes of the stream: pack and unpack work on such
+# chunks, each one int64 word (b <= 7: at most 56 bits; 8 bits are the bytes themselves).
+def _pack_words(q: Tensor, bits: int) -> Tensor:
+    rows, n = q.shape
+    nbytes = (n * bits + 7) // 8
+    if bits == 8:
+        return q.to(torch.uint8)
+    chunks = -(-n // 8)
+    vals = q.new_zeros(rows, chunks * 8, dtype=torch.int64)
+    vals[:, :n] = q
+    shifts = torch.arange(0, 8 * bits, bits, device=q.device, dtype=torch.int64)
+    words = (vals.view(rows, chunks, 8) << shifts).sum(dim=-1)
+    byte_shifts = torch.arange(0, 8 * bits, 8, device=q.device, dtype=torch.int64)
+    out = ((words.unsqueeze(-1) >> byte_shifts) & 0xFF).reshape(rows, chunks * bits)
+    return out[:, :nbytes].to(torch.uint8)
+
+
+def _unpack_words(packed: Tensor, bits: int, n: int) -> Tensor:
+    rows, width = packed.shape
+    if bits == 8:
+        return packed.to(torch.int32)
+    if 8 % bits == 0:  # whole values per byte: shift the bytes themselves
+        shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+        vals = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        return vals.reshape(rows, width * (8 // bits))[:, :n].to(torch.int32)
+    chunks = -(-n // 8)
+    data = packed.new_zeros(rows, chunks * bits, dtype=torch.int64)
+    data[:, :width] = packed
+    byte_shifts = torch.arange(0, 8 * bits, 8, device=packed.device, dtype=torch.int64)
+    words = (data.view(rows, chunks, bits) << byte_shifts).sum(dim=-1)
+    shifts = torch.arange(0, 8 * bits, bits, device=packed.device, dtype=torch.int64)
+    vals = (words.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return vals.reshape(rows, chunks * 8)[:, :n].to(torch.int32)
 
 
 def pack_mask(mask: Tensor) -> Tensor:

@@ -118,10 +118,12 @@ def quantize(W: Tensor, grid: Grid) -> Tensor:
 
 def dequantize(q: Tensor, grid: Grid, dtype: torch.dtype = torch.float32) -> Tensor:
     """``(q - zero) · scale`` for integers ``q [out, in]`` on ``grid``, in ``dtype``."""
-    g = grid.spec.group_width(q.shape[1])
-    scale = grid.scale.repeat_interleave(g, dim=1)
-    zero = grid.zero.repeat_interleave(g, dim=1).to(scale.dtype)
-    return dequantize_values(q.to(scale.dtype), scale, zero).to(dtype)
+    rows, n = q.shape
+    g = grid.spec.group_width(n)
+    scale = grid.scale.unsqueeze(-1)  # [out, groups, 1], broadcast over each group's columns
+    zero = grid.zero.to(scale.dtype).unsqueeze(-1)
+    W = dequantize_values(q.to(scale.dtype).view(rows, n // g, g), scale, zero)
+    return W.view(rows, n).to(dtype)
 
 
 def round_to_nearest(W: Tensor, spec: QuantSpec) -> tuple[Tensor, Grid]:

@@ -1,10 +1,12 @@
 """Shared machinery of the quantisation steps (not a method itself).
 
-A method supplies ``quantise(W, stats, spec) -> (q, grid, info)``: signed integers ``q [out, in]``
-on ``grid`` (:mod:`slimtune.weights.quant`) for the weight ``W``. :class:`QuantStep` turns them
-into the layer's packed base. A layer that earlier steps already factored keeps its parts: only
-its dense base is quantised, its low-rank and sparse parts (``lowrank_first``, ``outliers``) stay
-as they are. ``report[name]`` records bits, group size and the method's ``info`` (e.g. GPTQ's
+A method supplies ``quantise(W, stats, spec, keep) -> (q, grid, info)``: signed integers
+``q [out, in]`` on ``grid`` (:mod:`slimtune.weights.quant`) for the weight ``W``; ``keep`` is the
+layer's pruning mask (None if unpruned), whose pruned entries must stay zero.
+:class:`QuantStep` turns them into the layer's packed base (and sets every pruned entry to its
+group's zero point, so it dequantises to exactly 0 whatever the method did). A layer that
+earlier steps already factored keeps its parts: only its dense base is quantised, its mask and
+its low-rank and sparse parts (``lowrank_first``, ``outliers``) stay as they are. ``report[name]`` records bits, group size and the method's ``info`` (e.g. GPTQ's
 damping), and :meth:`QuantStep.summary` the bits per weight of everything the layers store.
 """
 from __future__ import annotations
@@ -16,10 +18,11 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from slimtune.compress.config import StepConfig
-from slimtune.layers import DenseBase, FactoredLinear, PackedQuantBase
+from slimtune.compress.layer_weight import dense_part, with_base
+from slimtune.layers import PackedQuantBase
 from slimtune.weights.quant import MAX_BITS, MIN_BITS, QuantSpec
 
-Quantise = Callable[[Tensor, object, QuantSpec], tuple]
+Quantise = Callable[[Tensor, object, QuantSpec, "Tensor | None"], tuple]
 
 
 class QuantConfig(StepConfig):
@@ -55,19 +58,6 @@ def check_layer(config: QuantConfig, name: str, layer: nn.Module) -> None:
     config.spec.group_width(layer.in_features)
 
 
-def dense_part(layer: nn.Module) -> tuple[Tensor, FactoredLinear | None]:
-    """The weight to quantise and the factored layer holding it (None for a plain linear)."""
-    if isinstance(layer, nn.Linear):
-        return layer.weight.detach(), None
-    if isinstance(layer, FactoredLinear) and isinstance(layer.base, DenseBase) and (
-            layer.mask is None and not layer.merged and layer.transform is None):
-        return layer.base.dense_weight().detach(), layer
-    raise TypeError(f"quantisation applies to an nn.Linear or a FactoredLinear with a plain dense "
-                    f"base, got {type(layer).__name__}"
-                    + (f" with a {type(layer.base).__name__} base" if hasattr(layer, "base")
-                       else ""))
-
-
 class QuantStep:
     """Pipeline step: quantise each target's dense weight with ``quantise`` and pack it."""
 
@@ -75,6 +65,7 @@ class QuantStep:
                  quantise: Quantise):
         self.method, self.config, self.quantise = method, config, quantise
         self.targets, self.needs = config.targets, frozenset(needs)
+        self.stats_dtype = torch.float32  # X^T X for a damped Hessian (llm-compressor: float32)
         self.report: dict[str, dict] = {}
 
     @torch.no_grad()
@@ -82,14 +73,14 @@ class QuantStep:
         W, factored = dense_part(layer)
         if not bool(torch.isfinite(W).all()):
             raise ValueError(f"a {tuple(W.shape)} weight to quantise contains NaN or Inf")
-        q, grid, info = self.quantise(W, stats, self.config.spec)
+        keep = None if factored is None else factored.mask
+        q, grid, info = self.quantise(W, stats, self.config.spec, keep)
+        if keep is not None:
+            g = self.config.spec.group_width(W.shape[1])
+            q = torch.where(keep, q, grid.zero.to(q.dtype).repeat_interleave(g, dim=1))
         base = PackedQuantBase.from_integers(q, grid)
         base.scale = base.scale.to(device=W.device, dtype=W.dtype)
-        if factored is None:
-            bias = None if layer.bias is None else layer.bias.detach().clone()
-            new = FactoredLinear(layer.in_features, layer.out_features, base=base, bias=bias)
-        else:
-            factored.base, new = base, factored
+        new = with_base(layer, base, factored)
         self.report[name] = {"bits": self.config.bits, "group_size": self.config.group_size,
                              "weights": W.numel(), "base_bits": base.storage_bits(), **info}
         return new

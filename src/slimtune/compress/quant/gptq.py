@@ -8,7 +8,9 @@ with lazy batch updates (:func:`slimtune.weights.obs.gptq`, the loop SparseGPT s
 of every (row, group) is fixed from the original weight before the solve (as llm-compressor
 does); ``act_order`` sweeps columns by descending ``diag(H)`` while the groups stay the natural
 contiguous ones (static groups), so the stored integers need no column permutation. The
-relative damping ``damp`` (default 0.01) is raised automatically when the Cholesky fails; each
+pruned entries of an already pruned layer (``keep``) are held at zero and their error is pushed
+on like any other (SparseGPT's joint sparsity + quantisation). The relative damping ``damp``
+(default 0.01) is raised automatically when the Cholesky fails; each
 layer's damping is in the step's report.
 
 Reported (METHODS.md): LLaMA-7B WikiText-2 perplexity 6.09 at 4 bits, 8.07 at 3 bits, 6.61 at
@@ -40,12 +42,12 @@ class GPTQConfig(QuantConfig):
 
 
 def build(config: GPTQConfig) -> QuantStep:
-    def quantise(W, stats, spec):
+    def quantise(W, stats, spec, keep):
         inputs = getattr(stats, "inputs", None)
         if inputs is None or inputs.gram_sum is None:
             raise ValueError("gptq needs the input Gram matrix X^T X (needs={'gram'})")
         H = layer_hessian(inputs.gram(), inputs.n_tokens)
-        result = gptq(W, H, spec, config.block_size, config.act_order, config.damp)
+        result = gptq(W, H, spec, config.block_size, config.act_order, config.damp, keep=keep)
         return result.q, result.grid, {"damp": result.damp_used, "loss": result.error}
 
     return QuantStep("gptq", config, NEEDS, quantise)

@@ -24,7 +24,7 @@ class RTNConfig(QuantConfig):
 
 def build(config: RTNConfig) -> QuantStep:
     return QuantStep("rtn", config, NEEDS,
-                     lambda W, stats, spec: (*round_to_nearest(W, spec), {}))
+                     lambda W, stats, spec, keep: (*round_to_nearest(W, spec), {}))
 
 
 METHODS.register("rtn", RTNConfig, build=build, check_layer=check_layer)

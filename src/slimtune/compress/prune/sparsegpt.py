@@ -1,0 +1,63 @@
+"""SparseGPT (Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately
+Pruned in One-Shot").
+
+With ``H = 2·XᵀX/n`` of the layer's calibration inputs (on the already-compressed earlier blocks)
+and the upper Cholesky factor ``U`` of the damped ``H⁻¹``, the columns are swept in blocks of
+``block_size``: at the start of each block the mask is chosen by the OBS saliency
+``w² / U_jj²`` (the lowest ``sparsity`` fraction of the block's entries, or the lowest ``M - N``
+of every M columns of a row for N:M), then each column is fixed (pruned entries to 0) and its
+error is pushed onto the columns not yet fixed -- the loop GPTQ shares
+(:func:`slimtune.weights.obs.sparsegpt`). Damping ``damp`` (relative, default 0.01) is raised
+automatically when the Cholesky fails and recorded per layer.
+
+Reported (METHODS.md): LLaMA-2-7B WikiText-2 6.51 at 50%, 10.17 at 2:4 (dense 5.12); OPT-125M
+50% 36.85 vs magnitude 193 (dense 27.66).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from slimtune.compress.prune.common import PruneConfig, PruneStep, check_layer
+from slimtune.compress.registry import METHODS
+from slimtune.weights.hessian import layer_hessian
+from slimtune.weights.obs import sparsegpt
+
+NEEDS = frozenset({"gram"})
+
+
+class SparseGPTConfig(PruneConfig):
+    """``method: sparsegpt`` -- targets, sparsity, pattern, block_size, damp."""
+
+    method: Literal["sparsegpt"] = "sparsegpt"
+    block_size: int = Field(128, ge=1, description="columns per mask-selection / lazy-update "
+                            "block (a multiple of M for N:M)")
+    damp: float = Field(0.01, gt=0, lt=1, description="relative damping of H, raised "
+                        "automatically when its Cholesky fails")
+
+    @model_validator(mode="after")
+    def _block_multiple(self):
+        nm = self.nm
+        if nm is not None and self.block_size % nm[1]:
+            raise ValueError(f"block_size: {self.block_size} is not a multiple of M={nm[1]} "
+                             f"of the pattern {self.pattern!r}")
+        return self
+
+
+def build(config: SparseGPTConfig) -> PruneStep:
+    nm = config.nm
+
+    def prune(name, W, stats):
+        inputs = getattr(stats, "inputs", None)
+        if inputs is None or inputs.gram_sum is None:
+            raise ValueError("sparsegpt needs the input Gram matrix X^T X (needs={'gram'})")
+        H = layer_hessian(inputs.gram(), inputs.n_tokens)
+        result = sparsegpt(W, H, None if nm else config.fraction, nm, config.block_size,
+                           config.damp)
+        return result.weight, result.mask, {"damp": result.damp_used, "loss": result.error}
+
+    return PruneStep("sparsegpt", config, NEEDS, prune)
+
+
+METHODS.register("sparsegpt", SparseGPTConfig, build=build, check_layer=check_layer)
