@@ -9,8 +9,7 @@ the llm-compressor row an own row is compared with (ratio columns), ``ours`` the
 
 Order: dense (the reference), then every own row that shares a setting with a peer row followed
 by that peer row, then the rest. llm-compressor's GPTQModifier sorts columns by activation order
-("static") by default, so the act-order rows (``-act``) are compared with the same peer row as
-the plain ones.
+("static") by default, so the act-order rows (``-act``) are the ones compared with the peer rows.
 
 All quantisation is symmetric (``sym: true``), as the peer's ``--scheme`` is. :func:`orderings`
 checks the literature's orderings among the rows present (PTB perplexity).
@@ -78,20 +77,20 @@ def theirs(scheme: str, ours_name: str, windows: int | None = None) -> dict:
 
 def grid() -> list[dict]:
     rows = [ours("dense", None)]
-    shared = [("gptq-w4-channel", [quant("gptq", "w4-channel")], None),
-              ("gptq-w3-g64", [quant("gptq", "w3-g64")], None),
-              ("sparsegpt-50", [prune("sparsegpt", "50")], None),
-              ("wanda-50", [prune("wanda", "50")], None),
-              ("gptq-w4-channel-n32", [quant("gptq", "w4-channel")], 32)]
-    for name, recipe, windows in shared:
-        scheme = name.removesuffix("-n32")
+    # llm-compressor's GPTQ sweeps columns in activation order ("static") by default: its
+    # counterpart is our act_order row
+    shared = [("gptq-w4-channel-act", "gptq-w4-channel", [quant("gptq", "w4-channel", True)], None),
+              ("gptq-w3-g64-act", "gptq-w3-g64", [quant("gptq", "w3-g64", True)], None),
+              ("sparsegpt-50", "sparsegpt-50", [prune("sparsegpt", "50")], None),
+              ("wanda-50", "wanda-50", [prune("wanda", "50")], None),
+              ("gptq-w4-channel-act-n32", "gptq-w4-channel", [quant("gptq", "w4-channel", True)],
+               32)]
+    for name, scheme, recipe, windows in shared:
         peer = theirs(scheme, name, windows)
         rows += [ours(name, recipe, windows, peer["name"]), peer]
     rows += [ours(f"rtn-{s}", [quant("rtn", s)]) for s in QUANT]
-    rows.append(ours("gptq-w2-g32", [quant("gptq", "w2-g32")]))
-    rows += [ours(f"gptq-{s}-act", [quant("gptq", s, act_order=True)],
-                  peer=f"peer-gptq-{s}" if s in ("w4-channel", "w3-g64") else None)
-             for s in QUANT]
+    rows += [ours(f"gptq-{s}", [quant("gptq", s)]) for s in QUANT]
+    rows.append(ours("gptq-w2-g32-act", [quant("gptq", "w2-g32", True)]))
     rows += [ours(f"{m}-{s}", [prune(m, s)]) for s in PRUNE for m in
              ("magnitude", "wanda", "sparsegpt") if f"{m}-{s}" not in {"wanda-50", "sparsegpt-50"}]
     rows += [ours(f"gptq-w3-g64-eora-r{r}", [quant("gptq", "w3-g64"), step("eora", rank=r)])

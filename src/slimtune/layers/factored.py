@@ -75,6 +75,10 @@ class FactoredLinear(nn.Module):
         """The base's mask as a bool ``[out, in]`` tensor (True = kept), or None."""
         return None if self.mask_bits is None else unpack_mask(self.mask_bits, self.in_features)
 
+    @mask.setter
+    def mask(self, mask: Tensor | None) -> None:
+        self.set_mask(mask)
+
     def set_mask(self, mask: Tensor | None) -> None:
         """Replace the mask (bool or 0/1 ``[out, in]``; None removes it)."""
         if mask is not None and self.base is None:
