@@ -29,7 +29,9 @@ ops take a 2-D contiguous ``x`` and scales in ``x``'s dtype only. Only bfloat16 
 x86 code: it always uses the kernel (576×576 int4: 23 µs for 1 token, 4.2 ms for 512, against 6
 and 8 ms dequantising). float32 and float16 run a scalar loop whose time grows with the rows
 (float32 576×576 int4: 0.6 ms per token; int8 0.3 ms) while dequantising costs about the same
-4-15 ms per call at any length (mostly the bit unpacking), so for them a kernel runs only up to
+at any length (4-15 ms per call when measured, mostly the bit unpacking; since the byte-wise
+unpack of :mod:`slimtune.weights.packing` a 576×1536 4-bit weight dequantises in ~3 ms), so for
+them a kernel runs only up to
 :data:`SCALAR_MAX_TOKENS` rows (token-by-token decoding, where it is 7-15× faster than
 dequantising, yet still 6-16× slower than a dense float32 ``F.linear``); longer inputs dequantise.
 
