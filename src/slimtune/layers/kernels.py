@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import os
 import weakref
+from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor
@@ -70,17 +71,17 @@ def kernels_enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "1").strip() != "0"
 
 
-class Kernel:
+class Kernel(ABC):
     """One weight-only kernel: ``prepare`` makes its operands from a base once, ``run`` applies
     them to a 2-D contiguous input of the prepared dtype."""
 
     name = "kernel"
 
-    def prepare(self, base, dtype: torch.dtype) -> tuple[Tensor, ...]:
-        raise NotImplementedError
+    @abstractmethod
+    def prepare(self, base, dtype: torch.dtype) -> tuple[Tensor, ...]: ...
 
-    def run(self, x2d: Tensor, operands: tuple[Tensor, ...]) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def run(self, x2d: Tensor, operands: tuple[Tensor, ...]) -> Tensor: ...
 
     def accepts(self, base, x: Tensor) -> bool:
         """Whether this input goes through the kernel (device, dtype, autograd, tokens)."""
