@@ -139,7 +139,8 @@ def run_ours(row: dict, args) -> dict:
     from slimtune.targets import match_targets
 
     res = run_info(row, args)
-    res.update(recipe=row["recipe"], batch_size=BATCH_SIZE, threads=torch.get_num_threads())
+    res.update(recipe=row["recipe"], batch_size=BATCH_SIZE, threads=torch.get_num_threads(),
+               sequential=args.sequential)
     model, tok = load_model(MODEL)
     n = res["windows"]
     windows = calibration_windows(tok, "ptb", "train", n, args.seqlen, seed=0)
@@ -153,8 +154,8 @@ def run_ours(row: dict, args) -> dict:
         check_targets(model, configs)
     steps = build_steps(configs)
     start = time.perf_counter()
-    report = run_pipeline(model, windows, steps, batch_size=BATCH_SIZE, progress=False) \
-        if steps else None
+    report = run_pipeline(model, windows, steps, batch_size=BATCH_SIZE, progress=False,
+                          sequential=args.sequential) if steps else None
     res["compress_seconds"] = time.perf_counter() - start
     res["compress_peak_rss_mb"] = peak_rss_mb()
     names = (sorted({x for e in report["steps"] for x in e["layers"]}) if report
@@ -292,6 +293,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
+    ap.add_argument("--sequential", choices=("layer", "block"), default="layer",
+                    help="run_pipeline's order (own rows; use another --out-dir for 'block')")
     ap.add_argument("--skip-peer", action="store_true", help="leave out the llm-compressor rows")
     ap.add_argument("--redo", action="store_true", help="run rows whose JSON exists again")
     ap.add_argument("--table-only", action="store_true", help="only print the table")
@@ -317,7 +320,7 @@ def main() -> None:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--one", row["name"],
                    "--windows", str(args.windows), "--seqlen", str(args.seqlen), "--threads",
                    str(args.threads), "--eval-tokens", str(args.eval_tokens),
-                   "--out-dir", str(args.out_dir)]
+                   "--out-dir", str(args.out_dir), "--sequential", args.sequential]
             ok = run_logged(cmd, args, row)
         else:
             ok = run_peer(row, args, path(row))

@@ -157,3 +157,21 @@ def test_wrapping_all_smollm2_projections_keeps_logits(smollm2):
     worst = max((layer.base.weight - model.get_submodule(name).weight).abs().max().item()
                 for name, layer in replaced.items())
     assert worst <= 1e-6
+
+
+def test_masked_forward_skips_the_mask_only_while_the_base_is_zero_where_masked():
+    g = torch.Generator().manual_seed(3)
+    W, x = torch.randn(16, 40, generator=g), torch.randn(5, 40, generator=g)
+    mask = torch.rand(16, 40, generator=g) > 0.5
+    pruned = FactoredLinear(40, 16, DenseBase(W * mask), mask=mask)
+    assert pruned._mask_is_free()  # pruning left zeros: the base's own forward is exact
+    torch.testing.assert_close(pruned(x), x @ (W * mask).T, rtol=0, atol=1e-6)
+    with torch.no_grad():  # the base changes in place (versioned): the mask matters again
+        pruned.base.weight.add_(1.0)
+    assert not pruned._mask_is_free()
+    torch.testing.assert_close(pruned(x), x @ ((W + 1) * mask).T, rtol=0, atol=1e-5)
+    dense = FactoredLinear(40, 16, DenseBase(W.clone()), mask=mask)
+    assert not dense._mask_is_free()
+    torch.testing.assert_close(dense(x), x @ (W * mask).T, rtol=0, atol=1e-6)
+    trainable = FactoredLinear(40, 16, DenseBase(W * mask, trainable=True), mask=mask)
+    assert not trainable._mask_is_free()  # gradients must stay masked

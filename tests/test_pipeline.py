@@ -111,8 +111,9 @@ def test_identity_pipeline_keeps_smollm2_logits(smollm2, lm_windows):
     assert all(v["n_tokens"] == 3 * 64 for v in step.seen.values())
 
 
+@pytest.mark.parametrize("sequential", ["layer", "block"])
 @pytest.mark.parametrize("which", ["smollm2", "minilm"])
-def test_statistics_equal_full_forward_hooks(which, request, lm_windows, bert_windows):
+def test_statistics_equal_full_forward_hooks(which, sequential, request, lm_windows, bert_windows):
     model = copy.deepcopy(request.getfixturevalue(which)[0])
     windows = lm_windows if which == "smollm2" else bert_windows
     names = (["model.layers.0.self_attn.q_proj", "model.layers.14.self_attn.o_proj",
@@ -121,13 +122,17 @@ def test_statistics_equal_full_forward_hooks(which, request, lm_windows, bert_wi
               "encoder.layer.5.output.dense"])
     ref = reference_stats(model, windows, names, batch_size=3)
     gram_step, abs_step = Identity(names), Identity(names, needs=("mean_abs",))
-    run_pipeline(model, windows, [gram_step, abs_step], batch_size=3, progress=False)
+    run_pipeline(model, windows, [gram_step, abs_step], batch_size=3, progress=False,
+                 sequential=sequential)
     for name in names:
         got, want = gram_step.seen[name], ref[name]
         assert got["n_tokens"] == want.n_tokens == windows.numel()
         assert rel(got["gram"], want.gram()) < 1e-6
         assert rel(got["mean_abs"], want.mean_abs()) < 1e-6
-        assert abs_step.seen[name]["gram"] is None  # "mean_abs" alone: no Gram matrix tracked
+        if sequential == "block":  # "mean_abs" alone: no Gram matrix tracked
+            assert abs_step.seen[name]["gram"] is None
+        else:  # one statistics object serves both steps of the layer
+            assert rel(abs_step.seen[name]["gram"], want.gram()) < 1e-6
         assert rel(abs_step.seen[name]["mean_abs"], want.mean_abs()) < 1e-6
 
 

@@ -94,12 +94,13 @@ def test_on_real_layers_sparsegpt_beats_wanda_beats_magnitude(pattern, smollm2, 
 
 def test_wanda_on_real_activations_equals_the_formula(smollm2, block0_inputs):
     """In the pipeline, block 0's masks are |W_ij|·||X_j||₂ pruned per row (inputs of block 0
-    are the embeddings, the same with or without compression)."""
+    are the embeddings; with sequential="block" its layers' statistics are all taken before any
+    of them is pruned, so they equal the uncompressed model's)."""
     model = copy.deepcopy(smollm2[0])
     windows = calibration_windows(smollm2[1], "ptb", "train", n=8, seqlen=128, seed=1)
     steps = build_steps(load_recipe([{"method": "wanda", "sparsity": 0.5,
                                       "targets": [Q0, DOWN0]}]))
-    run_pipeline(model, windows, steps, progress=False)
+    run_pipeline(model, windows, steps, progress=False, sequential="block")
     for name in (Q0, DOWN0):
         W, X = smollm2[0].get_submodule(name).weight.detach().double(), block0_inputs[name]
         scores = W.abs() * X.square().sum(0).sqrt()[None, :]

@@ -10,6 +10,7 @@ next block's inputs. Only one block's inputs and outputs are alive at a time.
 from __future__ import annotations
 
 import ctypes
+import weakref
 from functools import partial
 
 import torch
@@ -87,35 +88,28 @@ class _Catcher(nn.Module):
 
 class SameInput:
     """Recognises the very same tensor fed to several layers during one forward pass (q/k/v,
-    gate/up share their input). ``remember(x, value)`` holds ``x`` itself, so its address
-    cannot be reused for another tensor until ``clear()``."""
+    gate/up share their input). Entries hold a weak reference: a tensor freed in the meantime
+    (whose address may be reused) is never mistaken for a new one, and nothing is kept alive."""
 
     def __init__(self):
-        self._seen: dict[tuple, tuple[torch.Tensor, object]] = {}
-
-    @staticmethod
-    def _key(x: torch.Tensor) -> tuple:
-        return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
+        self._seen: dict[int, tuple[weakref.ref, object]] = {}
 
     def lookup(self, x: torch.Tensor):
         """The value remembered for ``x``, or None."""
-        entry = self._seen.get(self._key(x))
-        return None if entry is None else entry[1]
+        entry = self._seen.get(id(x))
+        return entry[1] if entry is not None and entry[0]() is x else None
 
     def remember(self, x: torch.Tensor, value) -> None:
-        self._seen[self._key(x)] = (x, value)
+        self._seen[id(x)] = (weakref.ref(x), value)
 
     def clear(self) -> None:
         self._seen.clear()
 
 
-def _update(stats: dict, seen: SameInput, name: str, track_gram: bool, dtype: torch.dtype,
-            module, args) -> None:
-    """Forward pre-hook: add the inputs to ``stats[name]`` in chunks (bounds the float64 copies).
-
-    Linears fed the very same tensor in one block call share one statistics object.
-    """
-    x = args[0]
+def update_statistics(stats: dict, seen: SameInput, name: str, track_gram: bool,
+                      dtype: torch.dtype, x: torch.Tensor) -> None:
+    """Add the input ``x`` of layer ``name`` to ``stats[name]`` in chunks (bounds the float64
+    copies). Linears fed the very same tensor in one block call share one statistics object."""
     shared = seen.lookup(x)
     if shared is not None:
         if stats.setdefault(name, shared) is not shared:
@@ -128,6 +122,10 @@ def _update(stats: dict, seen: SameInput, name: str, track_gram: bool, dtype: to
     for chunk in flat.split(STATS_CHUNK):
         stats[name].update(chunk)
     seen.remember(x, stats[name])
+
+
+def _hook(stats, seen, name, track_gram, dtype, module, args) -> None:
+    update_statistics(stats, seen, name, track_gram, dtype, args[0])
 
 
 class BlockRunner:
@@ -169,27 +167,30 @@ class BlockRunner:
         If any hooked layer needs the Gram matrix, every statistics object of this run tracks it;
         they accumulate in ``stats_dtype``.
         """
-        block, stats, seen, handles = self.blocks[i], {}, SameInput(), []
+        stats, seen, handles = {}, SameInput(), []
         track_gram = any((hooks or {}).values())  # shared statistics must serve every sharer
         for name in hooks or {}:
-            hook = partial(_update, stats, seen, name, track_gram, stats_dtype)
+            hook = partial(_hook, stats, seen, name, track_gram, stats_dtype)
             handles.append(self.model.get_submodule(name).register_forward_pre_hook(hook))
-        dtype = next(block.parameters()).dtype
         self.bar.reset(self.task, total=len(self.inps), description=f"block {i}: {what}")
         try:
             for s in range(0, len(self.inps), self.bs):
-                h = self.inps[s:s + self.bs]
                 seen.clear()
-                positional, extra, kwargs = self.calls[len(h)]
-                h = h.to(dtype)
-                out = block(h, *extra, **kwargs) if positional else block(hidden_states=h, **kwargs)
-                if keep:
-                    self.outs[s:s + len(h)] = out[0] if isinstance(out, (tuple, list)) else out
-                self.bar.advance(self.task, len(h))
+                self.forward(i, s, keep)
+                self.bar.advance(self.task, min(self.bs, len(self.inps) - s))
         finally:
             for handle in handles:
                 handle.remove()
         return stats
+
+    def forward(self, i: int, s: int, keep: bool = True) -> None:
+        """Block ``i`` on the batch of inputs starting at window ``s`` (outputs to ``outs``)."""
+        block, h = self.blocks[i], self.inps[s:s + self.bs]
+        positional, extra, kwargs = self.calls[len(h)]
+        h = h.to(next(block.parameters()).dtype)
+        out = block(h, *extra, **kwargs) if positional else block(hidden_states=h, **kwargs)
+        if keep:
+            self.outs[s:s + len(h)] = out[0] if isinstance(out, (tuple, list)) else out
 
     def advance(self) -> None:
         self.inps, self.outs = self.outs, self.inps

@@ -12,14 +12,19 @@ for) the errors made before it, and only one block's activations are ever in mem
    arguments (attention mask, position embeddings/ids, ...; kept once per batch size, as windows
    of equal length without padding get the same ones), then raises to stop the forward, so only
    the embedding part runs (``use_cache=False``).
-2. For each block in order (the weights of its targets are copied first when a step needs the
-   ``"original"``), for each step in order: forward pre-hooks on the block's linears that
-   the step targets accumulate the statistics it ``needs`` (:class:`InputStatistics`, over all
-   windows in batches of ``batch_size``) while the block runs; then ``step.apply(name, layer,
-   stats)`` returns each layer's replacement, set in place. A later step therefore sees the
-   earlier steps' replacements (its statistics are re-collected on the modified block).
-3. The (compressed) block runs once more; its outputs are the next block's inputs (the two
-   buffers are swapped, so memory does not grow with depth). Statistics are freed per block.
+2. For each block in order, with ``sequential="layer"`` (the default): the block runs once over
+   all windows (:func:`slimtune.calib.staged.run_staged`); every target linear, when all batches
+   have reached it, gets the statistics its steps ``need`` (:class:`InputStatistics` of its
+   inputs, which the block's already compressed earlier layers produced) and its steps in
+   recipe order (``step.apply(name, layer, stats)`` returns the replacement; a later step sees
+   the earlier one's result and the same input statistics). The original weight is copied first
+   when a step needs ``"original"``. The block's outputs are then the compressed block's.
+   With ``sequential="block"``: for each step in order, forward pre-hooks accumulate the
+   statistics of all the block's targets while the block runs, then every target gets that
+   step's apply (the next step's statistics are re-collected on the modified block), and the
+   compressed block runs once more for its outputs.
+3. The outputs become the next block's inputs (the two buffers are swapped, so memory does not
+   grow with depth). Statistics are freed per block.
 
 Steps needing ``"fisher"`` get the Fisher diagonal of the calibration LM loss, computed once before
 the block walk by :func:`fisher_diagonals` on the original full model (causal LMs only). A step
@@ -39,15 +44,15 @@ import torch
 from torch import nn
 
 from slimtune.calib.blocks import BlockRunner, find_blocks, trim_heap
+from slimtune.calib.checks import (NEEDS, check_finite, hooks_for, validate_steps,
+                                   warn_small_calibration)
 from slimtune.calib.fisher import fisher_diagonals
+from slimtune.calib.staged import run_staged
 from slimtune.evaluate import model_device, peak_rss_mb
 from slimtune.models import is_causal_lm
 from slimtune.progress import progress_bar, warn
 from slimtune.targets import Targets, match_targets, set_module
 from slimtune.weights.stats import InputStatistics
-
-NEEDS = frozenset({"gram", "mean_abs", "fisher", "original"})
-
 
 @dataclass
 class LayerStats:
@@ -77,74 +82,19 @@ class BlockStep(Protocol):
     def apply(self, name: str, layer: nn.Module, stats: LayerStats) -> nn.Module: ...
 
 
-def check_finite(hidden: torch.Tensor, where: str) -> None:
-    """``ValueError`` if calibration activations hold NaN or Inf (a broken model or step)."""
-    if not bool(torch.isfinite(hidden).all()):
-        raise ValueError(f"the calibration activations after {where} contain NaN or Inf: the "
-                         "model (or an earlier step) produces non-finite values on these inputs")
-
-
-def warn_small_calibration(model: nn.Module, steps, per_step, windows: torch.Tensor) -> None:
-    """Warn when a step that needs ``X^T X`` gets fewer calibration tokens than the widest
-    input it targets: that Gram matrix is then rank-deficient and the results poor."""
-    tokens = windows.numel()
-    for k, (step, (needs, by_block)) in enumerate(zip(steps, per_step)):
-        if "gram" not in needs:
-            continue
-        widths = {n: model.get_submodule(n).in_features for b in by_block for n in b}
-        short = sorted((n for n, w in widths.items() if w > tokens), key=widths.get, reverse=True)
-        if short:
-            widest = widths[short[0]]
-            windows_needed = -(-widest // windows.shape[1])
-            warn(f"step {k} ({type(step).__name__}): {tokens} calibration tokens are fewer than "
-                 f"the {widest} inputs of {len(short)} targeted layers (e.g. {short[0]}), so "
-                 f"their Gram matrices are rank-deficient and the results will be poor; use at "
-                 f"least {widest} tokens (e.g. {windows_needed} windows of {windows.shape[1]})")
-
-
 def _weight(layer: nn.Module) -> torch.Tensor:
     dense = getattr(layer, "dense_weight", None)
     return (dense() if callable(dense) else layer.weight).detach()
 
 
-def _hooks_for(pairs) -> dict:
-    """{name: track_gram} for the (names, needs) pairs that need input statistics."""
-    hooks = {}
-    for names, needs in pairs:
-        for n in names if needs & {"gram", "mean_abs"} else ():
-            hooks[n] = hooks.get(n, False) or "gram" in needs
-    return hooks
-
-
-def _validate(model, steps, prefix: str, n_blocks: int):
-    """Per step, per block, the target names; raises ValueError naming a bad step."""
-    per_step = []
-    for k, step in enumerate(steps):
-        label = f"step {k} ({type(step).__name__})"
-        if not callable(getattr(step, "apply", None)) or not hasattr(step, "targets"):
-            raise ValueError(f"{label}: a step needs `targets` and an `apply(name, layer, stats)`")
-        needs = frozenset(getattr(step, "needs", frozenset()))
-        if needs - NEEDS:
-            raise ValueError(f"{label}: unknown needs {sorted(needs - NEEDS)}; "
-                             f"known: {sorted(NEEDS)}")
-        try:
-            names = match_targets(model, step.targets)
-        except ValueError as err:
-            raise ValueError(f"{label}: {err}") from err
-        if not names:
-            raise ValueError(f"{label}: targets {step.targets!r} match no linear layer in "
-                             f"{type(model).__name__}")
-        by_block = [[n for n in names if n.startswith(f"{prefix}.{i}.")] for i in range(n_blocks)]
-        if not any(by_block):
-            raise ValueError(f"{label}: targets {step.targets!r} match no linear inside the "
-                             f"blocks '{prefix}' (matched only {names[:3]})")
-        per_step.append((needs, by_block))
-    return per_step
-
-
 def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int = 2,
-                 progress: bool = True, heap: str = "trim") -> dict:
+                 progress: bool = True, heap: str = "trim", sequential: str = "layer") -> dict:
     """Compress ``model`` in place block by block with ``steps`` (see the module docstring).
+
+    ``sequential="layer"``: one forward per block, each target getting all its steps once every
+    batch has reached it (:mod:`slimtune.calib.staged`); ``"block"``: per step a forward
+    collecting the statistics of all the block's targets, then one for the block's outputs
+    (less memory: one batch's activations alive instead of all batches').
 
     ``batch_size`` windows run per block forward; with ``heap="trim"`` glibc's free heap pages go
     back to the OS after every block (:func:`trim_heap`; ``"default"``: left to glibc). These
@@ -155,8 +105,10 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
     Returns ``{"blocks", "n_blocks", "windows", "steps": [{"step", "kind", "layers" (names
     applied), "replaced" (names whose module changed), "outside_blocks" (matched names not in a
     block: left alone), "fallbacks" ({name: message} of the layers whose apply needed a numerical
-    fallback, e.g. extra damping; summarised in one warning), "seconds", "peak_rss_mb"}], "capture_seconds",
-    "fisher_seconds", "measure_seconds", "seconds", "peak_rss_mb"}``.
+    fallback, e.g. extra damping; summarised in one warning), "seconds" (its applies),
+    "peak_rss_mb"}], "sequential", "capture_seconds", "fisher_seconds", "measure_seconds",
+    "forward_seconds" (the compressing pass's block forwards and statistics), "seconds",
+    "peak_rss_mb"}``.
     """
     start = time.perf_counter()
     if windows.ndim != 2 or windows.dtype != torch.long:
@@ -167,8 +119,10 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
     steps = list(steps)
     if heap not in ("trim", "default"):
         raise ValueError(f"heap must be 'trim' or 'default', got {heap!r}")
+    if sequential not in ("layer", "block"):
+        raise ValueError(f"sequential must be 'layer' or 'block', got {sequential!r}")
     prefix, blocks = find_blocks(model)
-    per_step = _validate(model, steps, prefix, len(blocks))
+    per_step = validate_steps(model, steps, prefix, len(blocks))
     fisher_names = sorted({n for needs, bb in per_step if "fisher" in needs for b in bb for n in b})
     if fisher_names and not is_causal_lm(model):
         raise ValueError(f"a step needs 'fisher', which needs a causal LM; {type(model).__name__}"
@@ -182,7 +136,8 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
                                             if not n.startswith(prefix + ".")],
                          "fallbacks": {}, "seconds": 0.0, "peak_rss_mb": 0.0}
                         for k, s in enumerate(steps)],
-              "fisher_seconds": 0.0, "measure_seconds": 0.0, "capture_seconds": 0.0}
+              "sequential": sequential, "fisher_seconds": 0.0, "measure_seconds": 0.0,
+              "capture_seconds": 0.0, "forward_seconds": 0.0}
     windows = windows.to(model_device(model))
     was_training = model.training
     model.eval()
@@ -199,6 +154,77 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
                           fisher.get(name) if "fisher" in needs else None,
                           originals.get(name) if "original" in needs else None)
 
+    def apply(k: int, name: str, layer: nn.Module, stats: LayerStats) -> nn.Module:
+        step, entry = steps[k], report["steps"][k]
+        t = time.perf_counter()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RuntimeWarning)
+            try:
+                new = step.apply(name, layer, stats)
+            except ValueError as err:
+                raise ValueError(f"step {k} ({type(step).__name__}) on {name}: {err}") from err
+        for w in caught:
+            if issubclass(w.category, RuntimeWarning):
+                entry["fallbacks"][name] = str(w.message)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if not isinstance(new, nn.Module):
+            raise TypeError(f"step {k} ({type(step).__name__}).apply returned "
+                            f"{type(new).__name__} for {name}, not a module")
+        entry["layers"].append(name)
+        if new is not layer:
+            entry["replaced"].append(name)
+        entry["seconds"] += time.perf_counter() - t
+        entry["peak_rss_mb"] = peak_rss_mb()
+        return new
+
+    def walk_block_staged(i: int) -> None:
+        """One forward of block i; every target gets all its steps when the batches reach it."""
+        order = blocks_targets(i)
+        todo = {n: [k for k, (_, bb) in enumerate(per_step) if n in bb[i]] for n in order}
+        track = {n: any("gram" in per_step[k][0] for k in ks) for n, ks in todo.items()
+                 if any(per_step[k][0] & {"gram", "mean_abs"} for k in ks)}
+        dtypes = {getattr(steps[k], "stats_dtype", torch.float64) for ks in todo.values()
+                  for k in ks if per_step[k][0] & {"gram", "mean_abs"}}
+        dtype = torch.float64 if torch.float64 in dtypes or not dtypes else torch.float32
+
+        def compress(name, layer, inputs):
+            ks = todo[name]
+            if any("original" in per_step[k][0] for k in ks):
+                originals[name] = _weight(layer).clone()
+            for k in ks:
+                layer = apply(k, name, layer, stats_for(name, per_step[k][0], {name: inputs}))
+            originals.pop(name, None)
+            return layer
+
+        t, applying = time.perf_counter(), sum(e["seconds"] for e in report["steps"])
+        run_staged(walker, i, order, track, dtype, compress)
+        applying = sum(e["seconds"] for e in report["steps"]) - applying
+        report["forward_seconds"] += time.perf_counter() - t - applying
+
+    def walk_block_per_step(i: int) -> None:
+        """Per step: a forward of block i collecting its statistics, then its apply."""
+        originals.update({n: _weight(model.get_submodule(n)).clone()
+                          for needs, by_block in per_step if "original" in needs
+                          for n in by_block[i]})
+        for k, (step, (needs, by_block)) in enumerate(zip(steps, per_step)):
+            if not by_block[i]:
+                continue
+            t = time.perf_counter()
+            hooks = hooks_for([(by_block[i], needs)])
+            inputs = (walker.run(i, f"step {k} stats", hooks,
+                                 stats_dtype=getattr(step, "stats_dtype", torch.float64))
+                      if hooks else {})
+            report["forward_seconds"] += time.perf_counter() - t
+            for name in by_block[i]:
+                new = apply(k, name, model.get_submodule(name), stats_for(name, needs, inputs))
+                set_module(model, name, new)
+            del inputs
+
+    def blocks_targets(i: int) -> list[str]:
+        names = {n for _, bb in per_step for n in bb[i]}
+        return [n for n, _ in model.named_modules() if n in names]
+
     for step, (needs, by_block) in zip(steps, per_step):
         if callable(getattr(step, "prepare", None)):
             step.prepare(model, [n for b in by_block for n in b])
@@ -212,7 +238,7 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
                 walker.capture()
                 for i in range(len(blocks)):
                     sel = [(k, per_step[k][1][i], per_step[k][0]) for k in two_pass]
-                    inputs = walker.run(i, "measure", _hooks_for(s[1:] for s in sel), keep=True)
+                    inputs = walker.run(i, "measure", hooks_for(s[1:] for s in sel), keep=True)
                     for k, names, needs in sel:
                         for name in names:
                             steps[k].measure(name, model.get_submodule(name),
@@ -228,45 +254,15 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
             check_finite(walker.inps, "the embeddings (inputs of block 0)")
             report["capture_seconds"] = time.perf_counter() - t
             for i in range(len(blocks)):
-                originals = {n: _weight(model.get_submodule(n)).clone()
-                             for needs, by_block in per_step if "original" in needs
-                             for n in by_block[i]}
-                for k, (step, (needs, by_block)) in enumerate(zip(steps, per_step)):
-                    names, entry = by_block[i], report["steps"][k]
-                    if not names:
-                        continue
-                    t = time.perf_counter()
-                    hooks = _hooks_for([(names, needs)])
-                    inputs = (walker.run(i, f"step {k} stats", hooks,
-                                         stats_dtype=getattr(step, "stats_dtype", torch.float64))
-                              if hooks else {})
-                    for name in names:
-                        layer = model.get_submodule(name)
-                        with warnings.catch_warnings(record=True) as caught:
-                            warnings.simplefilter("always", RuntimeWarning)
-                            try:
-                                new = step.apply(name, layer, stats_for(name, needs, inputs))
-                            except ValueError as err:
-                                raise ValueError(f"step {k} ({type(step).__name__}) on {name}: "
-                                                 f"{err}") from err
-                        for w in caught:
-                            if issubclass(w.category, RuntimeWarning):
-                                entry["fallbacks"][name] = str(w.message)
-                            else:
-                                warnings.warn_explicit(w.message, w.category, w.filename,
-                                                       w.lineno)
-                        if not isinstance(new, nn.Module):
-                            raise TypeError(f"step {k} ({type(step).__name__}).apply returned "
-                                            f"{type(new).__name__} for {name}, not a module")
-                        set_module(model, name, new)
-                        entry["layers"].append(name)
-                        if new is not layer:
-                            entry["replaced"].append(name)
-                    del inputs
-                    entry["seconds"] += time.perf_counter() - t
-                    entry["peak_rss_mb"] = peak_rss_mb()
+                if sequential == "layer":
+                    walk_block_staged(i)
+                else:
+                    walk_block_per_step(i)
+                    if i + 1 < len(blocks):
+                        t = time.perf_counter()
+                        walker.run(i, "outputs", keep=True)
+                        report["forward_seconds"] += time.perf_counter() - t
                 if i + 1 < len(blocks):
-                    walker.run(i, "outputs", keep=True)
                     check_finite(walker.outs, f"block {i} (compressed)")
                     walker.advance()
                 for needs, by_block in per_step:

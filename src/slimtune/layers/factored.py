@@ -56,6 +56,7 @@ class FactoredLinear(nn.Module):
             origin.requires_grad_(False)
         self.register_buffer("merge_scale", None)  # the transform's scale at merge time
         self.merged = False
+        self._mask_check: tuple | None = None  # (tensor versions, mask changes nothing)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **parts) -> "FactoredLinear":
@@ -122,7 +123,7 @@ class FactoredLinear(nn.Module):
         else:
             out = None
             if self.base is not None:
-                out = (self.base(h) if self.mask_bits is None
+                out = (self.base(h) if self.mask_bits is None or self._mask_is_free()
                        else F.linear(h, self.base_weight().to(h.dtype)))
             for part in (self.lowrank, self.sparse):
                 if part is not None:
@@ -132,6 +133,23 @@ class FactoredLinear(nn.Module):
         if self.bias is not None:
             out = out + self.bias
         return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    @torch.no_grad()
+    def _mask_is_free(self) -> bool:
+        """True when applying the mask changes nothing: no base tensor trains and the base is
+        already zero wherever the mask is False (as pruning leaves it). Checked once per version
+        of the base and mask tensors, so a pruned layer's forward is the base's own (its packed
+        kernels included) instead of unpacking the mask on every call. In-place edits through
+        ``tensor.data`` bypass the version counters; edit bases with in-place ops under
+        ``torch.no_grad()`` (as ``add_``, ``load_state_dict`` and optimisers do)."""
+        tensors = (*self.base.parameters(), *self.base.buffers(), self.mask_bits)
+        if any(t.requires_grad for t in tensors):
+            return False
+        key = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self._mask_check is None or self._mask_check[0] != key:
+            dropped = self.base.dense_weight().masked_select(~self.mask)
+            self._mask_check = (key, not bool(dropped.any()))
+        return self._mask_check[1]
 
     def _param_dtype(self) -> torch.dtype:
         """The dtype the layer computes in: its first floating parameter's, else its first

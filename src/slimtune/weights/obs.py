@@ -23,7 +23,8 @@ in blocks of ``block_size`` columns with lazy batch updates of the later blocks
 ``error`` is the sum of the OBS losses (the references' ``Losses.sum()``); since every step is
 an exact OBS step of the quadratic, it equals ``tr(ΔW H_d ΔWᵀ) / 2`` with ``ΔW = W - Ŵ`` and
 ``H_d`` the damped Hessian actually used (``damp_used``). The sweep is float64 on ``W``'s device
-(float64 must be supported there); outputs are in ``compute_dtype(W)``. ``H`` is the UNDAMPED
+(float64 must be supported there; the references sweep in float32); outputs are in
+``compute_dtype(W)``. ``H`` is the UNDAMPED
 ``2G/n`` (:func:`slimtune.weights.hessian.layer_hessian`); inputs with ``diag(H) = 0`` are dead
 and their columns are zeroed before the solve (see :mod:`slimtune.weights.hessian`).
 """
@@ -43,6 +44,7 @@ from slimtune.weights.sparsity import nm_mask, prune_count, prune_lowest
 
 # (global column j, local column i, block W1 [out, width], block U1) -> the fixed column ŵ_j
 ColumnRule = Callable[[int, int, Tensor, Tensor], Tensor]
+INNER_BLOCK = 32  # columns per per-column update span inside a block (see _sweep)
 
 
 @dataclass
@@ -78,8 +80,13 @@ def _prepare(W: Tensor, H: Tensor, block_size: int) -> tuple[Tensor, Tensor, Ten
     return W, H, dead
 
 
-def _sweep(W: Tensor, U: Tensor, block_size: int, rule: ColumnRule) -> tuple[Tensor, float]:
-    """The blocked OBS sweep: ``(Ŵ, Σ losses)``; ``W`` (float64) is consumed."""
+def _sweep(W: Tensor, U: Tensor, block_size: int, rule: ColumnRule,
+           inner: int = INNER_BLOCK) -> tuple[Tensor, float]:
+    """The blocked OBS sweep: ``(Ŵ, Σ losses)``; ``W`` is consumed. Inside each block
+    of ``block_size`` columns (what ``rule`` sees), the per-column updates reach only the next
+    ``inner`` columns and the rest of the block is updated by one product per ``inner`` columns:
+    the same algebra as updating the whole block per column, with a fraction of the memory
+    traffic (the per-column update is memory-bound)."""
     cols = W.shape[1]
     Q = torch.zeros_like(W)
     loss = W.new_zeros(())
@@ -87,12 +94,15 @@ def _sweep(W: Tensor, U: Tensor, block_size: int, rule: ColumnRule) -> tuple[Ten
         i2 = min(i1 + block_size, cols)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         E1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            q = rule(i1 + i, i, W1, U1)
-            e = (W1[:, i] - q) / U1[i, i]
-            W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
-            Q[:, i1 + i], E1[:, i] = q, e
-            loss += e.square().sum() / 2
+        for s1 in range(0, i2 - i1, inner):
+            s2 = min(s1 + inner, i2 - i1)
+            for i in range(s1, s2):
+                q = rule(i1 + i, i, W1, U1)
+                e = (W1[:, i] - q) / U1[i, i]
+                W1[:, i:s2].addr_(e, U1[i, i:s2], alpha=-1)
+                Q[:, i1 + i], E1[:, i] = q, e
+            W1[:, s2:] -= E1[:, s1:s2] @ U1[s1:s2, s2:]
+        loss += E1.square().sum() / 2
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     return Q, float(loss)
 
@@ -115,19 +125,19 @@ def gptq(W: Tensor, H: Tensor, spec: QuantSpec, block_size: int = 128, act_order
     scale = grid.scale[:, perm // g]
     zero = grid.zero.to(scale.dtype)[:, perm // g]
     kept = None if keep is None else keep.to(W.device)[:, perm]
-    q_int = torch.zeros(W.shape, dtype=torch.int32, device=W.device)
+    q_swept = torch.zeros(W.shape, dtype=scale.dtype, device=W.device)  # integers, as floats
 
     def rule(j: int, i: int, W1: Tensor, U1: Tensor) -> Tensor:
         s, z = scale[:, j], zero[:, j]
         qj = quantize_values(W1[:, i].to(s.dtype), s, z, spec)
         if kept is not None:
-            qj = torch.where(kept[:, j], qj, z.to(qj.dtype))
-        q_int[:, j] = qj.to(torch.int32)
-        return dequantize_values(qj, s, z).to(torch.float64)
+            qj = torch.where(kept[:, j], qj, z)
+        q_swept[:, j] = qj
+        return dequantize_values(qj, s, z).to(W1.dtype)
 
     _, error = _sweep(W64[:, perm], U, block_size, rule)
-    q = torch.empty_like(q_int)
-    q[:, perm] = q_int
+    q = torch.empty(W.shape, dtype=torch.int32, device=W.device)
+    q[:, perm] = q_swept.to(torch.int32)
     return GPTQResult(q, grid, dequantize(q, grid, out_dtype), used, error)
 
 
@@ -164,5 +174,6 @@ def sparsegpt(W: Tensor, H: Tensor, sparsity: float | None, pattern: tuple[int, 
             mask[:, j:j + m] = nm_mask(sal, n, m)
         return torch.where(mask[:, j], W1[:, i], torch.zeros_like(W1[:, i]))
 
-    Q, error = _sweep(W64, U, block_size, rule)
+    inner = INNER_BLOCK if pattern is None else m * max(1, INNER_BLOCK // m)  # whole N:M groups
+    Q, error = _sweep(W64, U, block_size, rule, inner)
     return SparseGPTResult(Q.to(out_dtype), mask, used, error)

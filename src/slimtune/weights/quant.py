@@ -100,8 +100,7 @@ def fit_grid(W: Tensor, spec: QuantSpec) -> Grid:
 
 def quantize_values(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:
     """Integers ``q = clamp(round(w / scale) + zero, q_min, q_max)`` (same shape as ``w``)."""
-    q = torch.round(w / scale) + zero
-    return q.clamp(spec.q_min, spec.q_max)
+    return (w / scale).round_().add_(zero).clamp_(spec.q_min, spec.q_max)
 
 
 def dequantize_values(q: Tensor, scale: Tensor, zero: Tensor) -> Tensor:
