@@ -68,18 +68,29 @@ class _Stop(Exception):
     pass
 
 
-class _Catcher(nn.Module):
+def dense_weight(layer: nn.Module) -> torch.Tensor:
+    """The weight a linear-like layer applies, detached (``dense_weight()`` or ``weight``)."""
+    dense = getattr(layer, "dense_weight", None)
+    return (dense() if callable(dense) else layer.weight).detach()
+
+
+class StandIn(nn.Module):
+    """Takes a module's place in the model for a while (``inner``); attribute reads the model
+    makes of it (e.g. a block's ``attention_type``, a linear's ``in_features``) reach ``inner``."""
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+
+class _Catcher(StandIn):
     """Stands in for block 0: stores its inputs, then stops the forward."""
 
     def __init__(self, inner: nn.Module, store):
         super().__init__()
         self.inner, self.store = inner, store
-
-    def __getattr__(self, name):  # models may read block attributes (e.g. attention_type)
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
 
     def forward(self, *args, **kwargs):
         self.store(*args, **kwargs)

@@ -43,7 +43,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from slimtune.calib.blocks import BlockRunner, find_blocks, trim_heap
+from slimtune.calib.blocks import BlockRunner, dense_weight, find_blocks, trim_heap
 from slimtune.calib.checks import (NEEDS, check_finite, hooks_for, validate_steps,
                                    warn_small_calibration)
 from slimtune.calib.fisher import fisher_diagonals
@@ -80,11 +80,6 @@ class BlockStep(Protocol):
     needs: frozenset[str]
 
     def apply(self, name: str, layer: nn.Module, stats: LayerStats) -> nn.Module: ...
-
-
-def _weight(layer: nn.Module) -> torch.Tensor:
-    dense = getattr(layer, "dense_weight", None)
-    return (dense() if callable(dense) else layer.weight).detach()
 
 
 def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int = 2,
@@ -191,7 +186,7 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
         def compress(name, layer, inputs):
             ks = todo[name]
             if any("original" in per_step[k][0] for k in ks):
-                originals[name] = _weight(layer).clone()
+                originals[name] = dense_weight(layer).clone()
             for k in ks:
                 layer = apply(k, name, layer, stats_for(name, per_step[k][0], {name: inputs}))
             originals.pop(name, None)
@@ -204,7 +199,7 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
 
     def walk_block_per_step(i: int) -> None:
         """Per step: a forward of block i collecting its statistics, then its apply."""
-        originals.update({n: _weight(model.get_submodule(n)).clone()
+        originals.update({n: dense_weight(model.get_submodule(n)).clone()
                           for needs, by_block in per_step if "original" in needs
                           for n in by_block[i]})
         for k, (step, (needs, by_block)) in enumerate(zip(steps, per_step)):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from greenlet import GreenletExit, getcurrent, greenlet
 from torch import nn
 
-from slimtune.calib.blocks import BlockRunner, SameInput, update_statistics
+from slimtune.calib.blocks import BlockRunner, SameInput, StandIn, dense_weight, update_statistics
 from slimtune.layers import FactoredLinear
 from slimtune.targets import set_module
 from slimtune.weights.stats import InputStatistics
@@ -47,19 +47,13 @@ class _Batch:
     waiting: str | None = None
 
 
-class _Gate(nn.Module):
+class _Gate(StandIn):
     """Stands in for one target linear while its block runs staged."""
 
     def __init__(self, name: str, inner: nn.Module, run: "_Stages"):
         super().__init__()
         self.name, self.inner = name, inner
         self.__dict__["run"] = run  # not a submodule
-
-    def __getattr__(self, name):  # models may read the linear's attributes
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
 
     def forward(self, x, *args, **kwargs):
         return self.run.arrive(self.name, x, *args, **kwargs)
@@ -69,7 +63,7 @@ def _dense_call(layer: nn.Module) -> Callable:
     """``x -> layer(x)`` through the layer's dense weight, computed once (linears only)."""
     if not isinstance(layer, (nn.Linear, FactoredLinear)):
         return layer
-    W = (layer.dense_weight() if isinstance(layer, FactoredLinear) else layer.weight).detach()
+    W = dense_weight(layer)
     bias = None if layer.bias is None else layer.bias.detach()
 
     def call(x):
