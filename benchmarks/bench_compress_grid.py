@@ -64,11 +64,23 @@ def git_commit() -> str:
         return "unknown"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (timings are comparable only on one machine)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
 def run_info(row: dict, args) -> dict:
     return {"row": row["name"], "kind": row["kind"], "label": row["label"],
             "windows": row["windows"] or args.windows, "seqlen": args.seqlen,
             "threads": args.threads, "eval_tokens": args.eval_tokens, "eval_seqlen": EVAL_SEQLEN,
-            "torch": version("torch"), "git": git_commit(), "loadavg_start": os.getloadavg(),
+            "torch": version("torch"), "git": git_commit(), "cpu": cpu_model(),
+            "loadavg_start": os.getloadavg(),
             "date": datetime.now().astimezone().isoformat(timespec="seconds")}
 
 

@@ -35,7 +35,8 @@ class Identity:
         inp = stats.inputs
         self.seen[name] = None if inp is None else {
             "gram": None if inp.gram_sum is None else inp.gram().clone(),
-            "mean_abs": inp.mean_abs().clone(), "n_tokens": inp.n_tokens}
+            "mean_abs": None if inp.abs_sum is None else inp.mean_abs().clone(),
+            "n_tokens": inp.n_tokens}
         return layer
 
 

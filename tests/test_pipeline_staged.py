@@ -85,6 +85,8 @@ def test_layer_order_applies_every_step_of_a_layer_in_recipe_order(smollm2, wind
     assert steps[0].seen["model.layers.0.self_attn.o_proj"]["n_tokens"] == windows.numel()
     torch.testing.assert_close(steps[0].seen["model.layers.0.mlp.down_proj"]["gram"],
                                steps[1].seen["model.layers.0.mlp.down_proj"]["gram"])
+    # only "gram" is needed: no sum |x| pass (sum x^2 is the Gram's diagonal)
+    assert steps[0].seen["model.layers.0.mlp.down_proj"]["mean_abs"] is None
 
 
 def test_an_error_in_a_step_or_in_the_block_stops_cleanly(smollm2, windows):

@@ -71,6 +71,31 @@ def test_input_statistics_validation_and_no_gram():
         InputStatistics(3, dtype=torch.float16)
 
 
+def test_tracked_kinds_agree_and_untracked_abs_is_a_clear_error():
+    """Without the Gram, sum x^2 is its own pass; with it, the Gram's diagonal. Both agree."""
+    n = 130  # more than one GRAM_BLOCK: the diagonal spans two blocks
+    xs = batches([(40,), (7, 3)], n)
+    full, gram_only, sums_only = (InputStatistics(n), InputStatistics(n, track_abs=False),
+                                  InputStatistics(n, track_gram=False))
+    for x in xs:
+        for s in (full, gram_only, sums_only):
+            s.update(x)
+    X = torch.cat([x.reshape(-1, n) for x in xs]).double()
+    for s in (full, gram_only, sums_only):
+        torch.testing.assert_close(s.sq_norm(), X.square().sum(0))
+    assert gram_only.abs_sum is None
+    with pytest.raises(ValueError, match="track_abs"):
+        gram_only.mean_abs()
+    with pytest.raises(ValueError, match="sum \\|x\\|"):
+        full.merge(gram_only)
+    gram_only.sq_sum.zero_()  # a copy: the Gram is untouched
+    torch.testing.assert_close(gram_only.gram(), X.mT @ X)
+    other = InputStatistics(n, track_gram=False)
+    other.update(xs[0])
+    sums_only.merge(other)
+    torch.testing.assert_close(sums_only.sq_norm(), X.square().sum(0) + xs[0].double().square().sum(0))
+
+
 def test_update_ignores_autograd():
     x = torch.randn(4, 3, requires_grad=True)
     stats = InputStatistics(3)

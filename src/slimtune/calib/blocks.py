@@ -20,6 +20,7 @@ from slimtune.layers import FactoredLinear
 from slimtune.weights.stats import InputStatistics
 
 STATS_CHUNK = 1024  # tokens per InputStatistics.update (its float64 copies are chunk × in)
+STAT_KINDS = frozenset({"gram", "mean_abs"})  # the needs served by InputStatistics: X^T X; sum |x|
 
 
 def trim_heap() -> bool:
@@ -117,10 +118,11 @@ class SameInput:
         self._seen.clear()
 
 
-def update_statistics(stats: dict, seen: SameInput, name: str, track_gram: bool,
+def update_statistics(stats: dict, seen: SameInput, name: str, kinds: frozenset,
                       dtype: torch.dtype, x: torch.Tensor) -> None:
     """Add the input ``x`` of layer ``name`` to ``stats[name]`` in chunks (bounds the float64
-    copies). Linears fed the very same tensor in one block call share one statistics object."""
+    copies); ``kinds`` ⊆ {"gram", "mean_abs"} says what a new statistics object tracks (see
+    :data:`STAT_KINDS`). Linears fed the very same tensor in one block call share one object."""
     shared = seen.lookup(x)
     if shared is not None:
         if stats.setdefault(name, shared) is not shared:
@@ -129,14 +131,15 @@ def update_statistics(stats: dict, seen: SameInput, name: str, track_gram: bool,
         return
     flat = x.reshape(-1, x.shape[-1])
     if name not in stats:
-        stats[name] = InputStatistics(flat.shape[-1], dtype, flat.device, track_gram)
+        stats[name] = InputStatistics(flat.shape[-1], dtype, flat.device,
+                                      track_gram="gram" in kinds, track_abs="mean_abs" in kinds)
     for chunk in flat.split(STATS_CHUNK):
         stats[name].update(chunk)
     seen.remember(x, stats[name])
 
 
-def _hook(stats, seen, name, track_gram, dtype, module, args) -> None:
-    update_statistics(stats, seen, name, track_gram, dtype, args[0])
+def _hook(stats, seen, name, kinds, dtype, module, args) -> None:
+    update_statistics(stats, seen, name, kinds, dtype, args[0])
 
 
 class BlockRunner:
@@ -173,15 +176,16 @@ class BlockRunner:
 
     def run(self, i: int, what: str, hooks: dict | None = None, keep: bool = False,
             stats_dtype: torch.dtype = torch.float64) -> dict:
-        """Run block i over all windows with ``hooks`` ({name: track_gram}); outputs to ``outs``.
+        """Run block i over all windows with ``hooks`` ({name: kinds}, see :data:`STAT_KINDS`);
+        outputs to ``outs``.
 
-        If any hooked layer needs the Gram matrix, every statistics object of this run tracks it;
-        they accumulate in ``stats_dtype``.
+        Every statistics object of this run tracks what any hooked layer needs (shared statistics
+        must serve every sharer); they accumulate in ``stats_dtype``.
         """
         stats, seen, handles = {}, SameInput(), []
-        track_gram = any((hooks or {}).values())  # shared statistics must serve every sharer
+        kinds = frozenset().union(*(hooks or {}).values())
         for name in hooks or {}:
-            hook = partial(_hook, stats, seen, name, track_gram, stats_dtype)
+            hook = partial(_hook, stats, seen, name, kinds, stats_dtype)
             handles.append(self.model.get_submodule(name).register_forward_pre_hook(hook))
         self.bar.reset(self.task, total=len(self.inps), description=f"block {i}: {what}")
         try:

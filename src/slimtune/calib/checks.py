@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slimtune.calib.blocks import STAT_KINDS
 from slimtune.progress import warn
 from slimtune.targets import match_targets
 
@@ -38,11 +39,11 @@ def warn_small_calibration(model: nn.Module, steps, per_step, windows: torch.Ten
 
 
 def hooks_for(pairs) -> dict:
-    """{name: track_gram} for the (names, needs) pairs that need input statistics."""
+    """{name: kinds ⊆ STAT_KINDS} for the (names, needs) pairs that need input statistics."""
     hooks = {}
     for names, needs in pairs:
-        for n in names if needs & {"gram", "mean_abs"} else ():
-            hooks[n] = hooks.get(n, False) or "gram" in needs
+        for n in names if needs & STAT_KINDS else ():
+            hooks[n] = hooks.get(n, frozenset()) | (needs & STAT_KINDS)
     return hooks
 
 

@@ -43,7 +43,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from slimtune.calib.blocks import BlockRunner, dense_weight, find_blocks, trim_heap
+from slimtune.calib.blocks import STAT_KINDS, BlockRunner, dense_weight, find_blocks, trim_heap
 from slimtune.calib.checks import (NEEDS, check_finite, hooks_for, validate_steps,
                                    warn_small_calibration)
 from slimtune.calib.fisher import fisher_diagonals
@@ -64,9 +64,9 @@ class LayerStats:
 @runtime_checkable
 class BlockStep(Protocol):
     """A compression step. ``targets`` as for ``match_targets`` (full model names); ``needs`` ⊆
-    :data:`NEEDS`: ``"gram"`` gives ``stats.inputs`` = float64 :class:`InputStatistics` with X^T X,
-    ``"mean_abs"`` alone one without (``track_gram=False``; it still has the per-column sums of
-    ``|x|`` and ``x²``), ``"fisher"`` gives ``stats.fisher``, ``"original"`` gives
+    :data:`NEEDS`: ``"gram"`` gives ``stats.inputs`` = float64 :class:`InputStatistics` with X^T X
+    (and so ``sq_sum``, its diagonal), ``"mean_abs"`` one with the per-column sums of ``|x|`` and
+    ``x²`` (alone: no Gram; without it: no ``|x|`` sums), ``"fisher"`` gives ``stats.fisher``, ``"original"`` gives
     ``stats.original``: the layer's weight as it was before this block's first step (kept until
     the block is done, so a compensating step sees what the earlier steps changed).
     Optional ``measure(name, layer, stats)`` + ``allocate()``: the two-pass protocol above.
@@ -145,7 +145,7 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
     originals: dict[str, torch.Tensor] = {}
 
     def stats_for(name, needs, inputs):
-        return LayerStats(inputs.get(name) if needs & {"gram", "mean_abs"} else None,
+        return LayerStats(inputs.get(name) if needs & STAT_KINDS else None,
                           fisher.get(name) if "fisher" in needs else None,
                           originals.get(name) if "original" in needs else None)
 
@@ -177,10 +177,9 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
         """One forward of block i; every target gets all its steps when the batches reach it."""
         order = blocks_targets(i)
         todo = {n: [k for k, (_, bb) in enumerate(per_step) if n in bb[i]] for n in order}
-        track = {n: any("gram" in per_step[k][0] for k in ks) for n, ks in todo.items()
-                 if any(per_step[k][0] & {"gram", "mean_abs"} for k in ks)}
+        track = hooks_for(([n], per_step[k][0]) for n, ks in todo.items() for k in ks)
         dtypes = {getattr(steps[k], "stats_dtype", torch.float64) for ks in todo.values()
-                  for k in ks if per_step[k][0] & {"gram", "mean_abs"}}
+                  for k in ks if per_step[k][0] & STAT_KINDS}
         dtype = torch.float64 if torch.float64 in dtypes or not dtypes else torch.float32
 
         def compress(name, layer, inputs):

@@ -75,9 +75,9 @@ def _dense_call(layer: nn.Module) -> Callable:
 class _Stages:
     """The gates' shared state: the batch running now, the statistics, the compressed layers."""
 
-    def __init__(self, track: dict[str, bool], stats_dtype: torch.dtype):
+    def __init__(self, track: dict[str, frozenset], stats_dtype: torch.dtype):
         self.track, self.dtype = track, stats_dtype
-        self.track_gram = any(track.values())
+        self.kinds = frozenset().union(*track.values())
         self.stats: dict[str, InputStatistics] = {}
         self.ready: dict[str, Callable] = {}
         self.current: _Batch | None = None
@@ -87,18 +87,18 @@ class _Stages:
         if name not in self.ready:
             batch = self.current
             if name in self.track:
-                update_statistics(self.stats, batch.seen, name, self.track_gram, self.dtype, x)
+                update_statistics(self.stats, batch.seen, name, self.kinds, self.dtype, x)
             batch.waiting = name
             self.controller.switch()
             batch.waiting = None
         return self.ready[name](x, *args, **kwargs)
 
 
-def run_staged(runner: BlockRunner, i: int, names: list[str], track: dict[str, bool],
+def run_staged(runner: BlockRunner, i: int, names: list[str], track: dict[str, frozenset],
                stats_dtype: torch.dtype, compress: Compress) -> None:
     """Run block ``i`` once over all windows, compressing ``names`` in the order the forward
-    reaches them; ``track`` ({name: track_gram}) says whose inputs are accumulated (every
-    statistics object tracks the Gram if any does). Outputs go to ``runner.outs``."""
+    reaches them; ``track`` ({name: kinds ⊆ STAT_KINDS}) says whose inputs are accumulated
+    (every statistics object tracks what any of them needs). Outputs go to ``runner.outs``."""
     model, stages = runner.model, _Stages(track, stats_dtype)
     gates = {n: _Gate(n, model.get_submodule(n), stages) for n in names}
     batches = [_Batch(s) for s in range(0, len(runner.inps), runner.bs)]

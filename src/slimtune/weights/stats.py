@@ -3,7 +3,7 @@
 - :class:`InputStatistics` accumulates, over batches of a linear layer's inputs ``X`` (any leading
   dims, last dim = in-features), the Gram matrix ``X^T X`` (SVD-LLM whitening, via
   :func:`slimtune.weights.svd.whitening_factor`), per-column sums of ``|x|`` (ASVD's activation
-  scaling) and of ``x^2``, and the token count. The running sums equal the one-shot computation over
+  scaling) and of ``x^2`` (the Gram's diagonal when the Gram is tracked), and the token count. The running sums equal the one-shot computation over
   the concatenated batches (up to floating-point summation order).
 - :class:`FisherDiagonal` accumulates squared gradients per weight, the empirical Fisher diagonal
   used by Fisher-weighted SVD (FWSVD, Hsu et al. 2022).
@@ -22,13 +22,16 @@ class InputStatistics:
 
     ``dtype`` is the accumulation dtype (float64 by default, so long streams do not lose precision);
     ``device`` is where the sums live (inputs are moved there). ``track_gram=False`` skips the
-    ``[n, n]`` Gram matrix when only the per-column statistics are needed. ``gram_sum`` holds the
-    blocks on and above the diagonal (``GRAM_BLOCK`` rows at a time; about 70% of the time of the
-    full product on 2 cores); :meth:`gram` returns the full symmetric matrix.
+    ``[n, n]`` Gram matrix when only the per-column statistics are needed; ``track_abs=False``
+    skips ``sum |x|`` (only ASVD's scaling reads it). ``gram_sum`` holds the blocks on and above
+    the diagonal (``GRAM_BLOCK`` rows at a time; about 70% of the time of the full product on 2
+    cores); :meth:`gram` returns the full symmetric matrix, and ``sq_sum`` is its diagonal when
+    it is tracked (no separate pass over the inputs).
     """
 
     def __init__(self, n_features: int, dtype: torch.dtype = torch.float64,
-                 device: torch.device | str | None = None, track_gram: bool = True):
+                 device: torch.device | str | None = None, track_gram: bool = True,
+                 track_abs: bool = True):
         if n_features < 1:
             raise ValueError(f"n_features must be >= 1, got {n_features}")
         if dtype not in (torch.float32, torch.float64):
@@ -38,9 +41,16 @@ class InputStatistics:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.gram_sum = (torch.zeros(n_features, n_features, dtype=dtype, device=self.device)
                          if track_gram else None)
-        self.abs_sum = torch.zeros(n_features, dtype=dtype, device=self.device)
-        self.sq_sum = torch.zeros(n_features, dtype=dtype, device=self.device)
+        self.abs_sum = (torch.zeros(n_features, dtype=dtype, device=self.device)
+                        if track_abs else None)
+        self._sq_sum = (torch.zeros(n_features, dtype=dtype, device=self.device)
+                        if self.gram_sum is None else None)
         self.n_tokens = 0
+
+    @property
+    def sq_sum(self) -> torch.Tensor:
+        """Per-column ``sum x^2``, ``[n]`` (a copy of the Gram's diagonal when it is tracked)."""
+        return self._sq_sum if self.gram_sum is None else self.gram_sum.diagonal().clone()
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
@@ -52,8 +62,10 @@ class InputStatistics:
             for i in range(0, self.n_features, GRAM_BLOCK):
                 self.gram_sum[i:i + GRAM_BLOCK, i:].addmm_(tokens[:, i:i + GRAM_BLOCK].mT,
                                                            tokens[:, i:])
-        self.abs_sum += tokens.abs().sum(dim=0)
-        self.sq_sum += tokens.square().sum(dim=0)
+        if self.abs_sum is not None:
+            self.abs_sum += tokens.abs().sum(dim=0)
+        if self._sq_sum is not None:
+            self._sq_sum += tokens.square().sum(dim=0)
         self.n_tokens += tokens.shape[0]
 
     def _require_tokens(self) -> None:
@@ -75,6 +87,8 @@ class InputStatistics:
     def mean_abs(self) -> torch.Tensor:
         """Per-column mean absolute input ``sum |x| / n_tokens``, ``[n]`` (ASVD's scaling base)."""
         self._require_tokens()
+        if self.abs_sum is None:
+            raise ValueError("sum |x| not tracked (created with track_abs=False)")
         return self.abs_sum / self.n_tokens
 
     def sq_norm(self) -> torch.Tensor:
@@ -87,10 +101,14 @@ class InputStatistics:
             raise ValueError(f"feature counts differ: {self.n_features} vs {other.n_features}")
         if (self.gram_sum is None) != (other.gram_sum is None):
             raise ValueError("cannot merge accumulators with and without a Gram matrix")
+        if (self.abs_sum is None) != (other.abs_sum is None):
+            raise ValueError("cannot merge accumulators with and without sum |x|")
         if self.gram_sum is not None:
             self.gram_sum += other.gram_sum.to(self.gram_sum)
-        self.abs_sum += other.abs_sum.to(self.abs_sum)
-        self.sq_sum += other.sq_sum.to(self.sq_sum)
+        else:
+            self._sq_sum += other._sq_sum.to(self._sq_sum)
+        if self.abs_sum is not None:
+            self.abs_sum += other.abs_sum.to(self.abs_sum)
         self.n_tokens += other.n_tokens
 
 
