@@ -6,7 +6,7 @@ skips rows whose file exists (``--redo``: run them again). At the end (or with `
 it prints a markdown table of every row present and the literature's orderings among them.
 
 Own rows: load the model, calibration windows ``calibration_windows(tok, "ptb", "train", n,
-seqlen, seed=0)`` (checked equal to the file exported for the peer), ``run_pipeline`` (timed:
+seqlen, seed=--calib-seed)`` (checked equal to the file exported for the peer), ``run_pipeline`` (timed:
 ``compress_seconds``), ``storage_report`` of the compressed layers, perplexity on the first
 --eval-tokens of PTB test and Austen test (seqlen 512, ``slimtune.evaluate.perplexity``; tokens
 checked equal to the peer's eval file), greedy generation of 32 tokens from a 16-token PTB-test
@@ -14,11 +14,12 @@ prompt and the forward of one 512-token window (tokens/s, median of 3), peak RSS
 that), then ``save_model`` to a temp dir (MB on disk) and a reload whose logits must equal the
 in-memory ones. Peer rows: ``benchmarks/peers/llmcompressor_run.py`` in its own venv on the same
 windows and eval tokens (exported once per window count by ``peers/export_tokens.py`` into
-``<out-dir>/tokens/``).
+``<out-dir>/tokens/``). Several calibration seeds (the spread of a setting, for both tools): one
+``--out-dir`` per ``--calib-seed``; the seed is part of the token files' names and of every row.
 
     .venv/bin/python benchmarks/bench_compress_grid.py [--rows REGEX] [--windows 128]
         [--seqlen 512] [--threads 1] [--eval-tokens 8192] [--out-dir DIR] [--skip-peer]
-        [--redo] [--table-only]
+        [--calib-seed 0] [--redo] [--table-only]
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ def cpu_model() -> str:
 def run_info(row: dict, args) -> dict:
     return {"row": row["name"], "kind": row["kind"], "label": row["label"],
             "windows": row["windows"] or args.windows, "seqlen": args.seqlen,
+            "calib_seed": args.calib_seed,
             "threads": args.threads, "eval_tokens": args.eval_tokens, "eval_seqlen": EVAL_SEQLEN,
             "torch": version("torch"), "git": git_commit(), "cpu": cpu_model(),
             "loadavg_start": os.getloadavg(),
@@ -86,7 +88,8 @@ def run_info(row: dict, args) -> dict:
 
 def token_files(args, n: int) -> tuple[Path, Path]:
     d = args.out_dir / "tokens"
-    return d / f"windows-{n}x{args.seqlen}.safetensors", d / "eval.safetensors"
+    seed = f"-seed{args.calib_seed}" if args.calib_seed else ""
+    return d / f"windows-{n}x{args.seqlen}{seed}.safetensors", d / "eval.safetensors"
 
 
 def thread_env(threads: int) -> dict:
@@ -102,7 +105,7 @@ def export_tokens(args, n: int) -> None:
     tmp_w, tmp_e = (p.with_name(f".tmp-{os.getpid()}-{p.name}") for p in (windows, evals))
     subprocess.run([sys.executable, str(EXPORT), "--model", MODEL, "-n", str(n), "--seqlen",
                     str(args.seqlen), "--windows", str(tmp_w), "--eval", str(tmp_e),
-                    "--threads", str(args.threads)], check=True, env=thread_env(args.threads))
+                    "--threads", str(args.threads), "--seed", str(args.calib_seed)], check=True, env=thread_env(args.threads))
     os.replace(tmp_w, windows)
     os.replace(tmp_e, evals)
 
@@ -155,7 +158,7 @@ def run_ours(row: dict, args) -> dict:
                sequential=args.sequential)
     model, tok = load_model(MODEL)
     n = res["windows"]
-    windows = calibration_windows(tok, "ptb", "train", n, args.seqlen, seed=0)
+    windows = calibration_windows(tok, "ptb", "train", n, args.seqlen, seed=args.calib_seed)
     windows_file, eval_file = token_files(args, n)
     res["windows_match_peer_file"] = torch.equal(windows, load_file(str(windows_file))["input_ids"])
     test = {s: tokenize_text(tok, load_text(s, "test")) for s in ("ptb", "austen")}
@@ -278,7 +281,8 @@ def print_table(rows: list[dict], results: dict[str, dict]) -> None:
 def print_header(args, results: dict[str, dict]) -> None:
     import platform
 
-    seen = lambda key: sorted({str(r.get(key)) for r in results.values()}) or ["-"]  # noqa: E731
+    seen = lambda key: sorted({str(r.get(key, "not recorded")) for r in  # noqa: E731
+                               results.values()}) or ["-"]
     load = os.getloadavg()
     print(f"# compression grid, {MODEL}, all 210 projections\n")
     print(f"- this run: {' '.join(sys.argv)}")
@@ -286,11 +290,12 @@ def print_header(args, results: dict[str, dict]) -> None:
           f" {platform.machine()} {os.cpu_count()} CPUs, load average now "
           + " ".join(f"{x:.2f}" for x in load))
     print(f"- settings (this run): windows {args.windows}, seqlen {args.seqlen}, threads "
-          f"{args.threads}, eval first {args.eval_tokens} tokens of PTB test / Austen test in "
+          f"{args.threads}, calibration seed {args.calib_seed}, eval first {args.eval_tokens} tokens of PTB test / Austen test in "
           f"windows of {EVAL_SEQLEN}, torch {version('torch')}")
     print(f"- rows present: torch {', '.join(seen('torch'))}; threads {', '.join(seen('threads'))};"
           f" seqlen {', '.join(seen('seqlen'))}; eval tokens {', '.join(seen('eval_tokens'))}; "
-          f"git {', '.join(seen('git'))}; 1-min load at row start "
+          f"git {', '.join(seen('git'))}; calibration seed {', '.join(seen('calib_seed'))}; "
+          f"CPU {', '.join(seen('cpu'))}; 1-min load at row start "
           + ", ".join(sorted({f"{r['loadavg_start'][0]:.1f}" for r in results.values()})))
     checks = [f"{k}: {sorted({r[k] for r in results.values() if k in r})}" for k in
               ("windows_match_peer_file", "eval_tokens_match_peer_file", "reload_identical")]
@@ -307,6 +312,8 @@ def main() -> None:
     ap.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
     ap.add_argument("--sequential", choices=("layer", "block"), default="layer",
                     help="run_pipeline's order (own rows; use another --out-dir for 'block')")
+    ap.add_argument("--calib-seed", type=int, default=0,
+                    help="seed of the calibration windows (use one --out-dir per seed)")
     ap.add_argument("--skip-peer", action="store_true", help="leave out the llm-compressor rows")
     ap.add_argument("--redo", action="store_true", help="run rows whose JSON exists again")
     ap.add_argument("--table-only", action="store_true", help="only print the table")
@@ -332,7 +339,8 @@ def main() -> None:
             cmd = [sys.executable, str(Path(__file__).resolve()), "--one", row["name"],
                    "--windows", str(args.windows), "--seqlen", str(args.seqlen), "--threads",
                    str(args.threads), "--eval-tokens", str(args.eval_tokens),
-                   "--out-dir", str(args.out_dir), "--sequential", args.sequential]
+                   "--out-dir", str(args.out_dir), "--sequential", args.sequential,
+                   "--calib-seed", str(args.calib_seed)]
             ok = run_logged(cmd, args, row)
         else:
             ok = run_peer(row, args, path(row))
@@ -341,9 +349,10 @@ def main() -> None:
     results = {r["name"]: json.loads(path(r).read_text()) for r in rows if path(r).exists()}
     for r in selected:
         old = results.get(r["name"])
-        keys = ("windows", "seqlen", "eval_tokens", "threads")
-        want = (r["windows"] or args.windows, args.seqlen, args.eval_tokens, args.threads)
-        if old and tuple(old[k] for k in keys) != want and not args.table_only:
+        keys = ("windows", "seqlen", "eval_tokens", "threads", "calib_seed")
+        want = (r["windows"] or args.windows, args.seqlen, args.eval_tokens, args.threads,
+                args.calib_seed)
+        if old and tuple(old.get(k, 0) for k in keys) != want and not args.table_only:
             print(f"note: {r['name']} kept from a run with "
                   + ", ".join(f"{k} {old[k]}" for k in keys) + " (--redo to rerun it)",
                   file=sys.stderr)

@@ -109,3 +109,28 @@ def test_an_error_in_a_step_or_in_the_block_stops_cleanly(smollm2, windows):
     assert no_gates(model)
     with pytest.raises(ValueError, match="sequential must be"):
         run_pipeline(model, windows, [Identity()], progress=False, sequential="token")
+
+
+@pytest.mark.parametrize("sequential", ["layer", "block"])
+def test_blocks_after_the_last_one_needing_inputs_run_no_forward(smollm2, windows, sequential):
+    model = copy.deepcopy(smollm2[0])
+    calls = [0] * len(model.model.layers)
+    handles = [b.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+               for i, b in enumerate(model.model.layers)]
+    data_free = Identity(needs=())
+    run_pipeline(model, windows, [data_free], batch_size=2, progress=False, sequential=sequential)
+    assert calls == [0] * len(calls) and len(data_free.seen) == 210
+    assert all(v is None for v in data_free.seen.values())
+
+    early = Identity(r"model\.layers\.[01]\..*_proj", needs=("gram",))
+    data_free = Identity(needs=())
+    report = run_pipeline(model, windows, [early, data_free], batch_size=2, progress=False,
+                          sequential=sequential)
+    batches = -(-len(windows) // 2)
+    ran = [c // batches for c in calls]  # block forwards per block
+    assert ran[2:] == [0] * (len(calls) - 2) and ran[1] >= 1 and ran[0] >= 1
+    assert len(data_free.seen) == 210 and len(early.seen) == 14
+    assert early.seen["model.layers.1.mlp.down_proj"]["n_tokens"] == windows.numel()
+    assert report["steps"][1]["layers"][-1] == "model.layers.29.mlp.down_proj"
+    for h in handles:
+        h.remove()

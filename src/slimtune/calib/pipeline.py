@@ -24,7 +24,8 @@ for) the errors made before it, and only one block's activations are ever in mem
    step's apply (the next step's statistics are re-collected on the modified block), and the
    compressed block runs once more for its outputs.
 3. The outputs become the next block's inputs (the two buffers are swapped, so memory does not
-   grow with depth). Statistics are freed per block.
+   grow with depth). Statistics are freed per block. Blocks after the last one in which a step
+   reads calibration inputs run no forward: their steps are applied directly.
 
 Steps needing ``"fisher"`` get the Fisher diagonal of the calibration LM loss, computed once before
 the block walk by :func:`fisher_diagonals` on the original full model (causal LMs only). A step
@@ -38,6 +39,7 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -66,8 +68,8 @@ class BlockStep(Protocol):
     """A compression step. ``targets`` as for ``match_targets`` (full model names); ``needs`` ⊆
     :data:`NEEDS`: ``"gram"`` gives ``stats.inputs`` = float64 :class:`InputStatistics` with X^T X
     (and so ``sq_sum``, its diagonal), ``"mean_abs"`` one with the per-column sums of ``|x|`` and
-    ``x²`` (alone: no Gram; without it: no ``|x|`` sums), ``"fisher"`` gives ``stats.fisher``, ``"original"`` gives
-    ``stats.original``: the layer's weight as it was before this block's first step (kept until
+    ``x²`` (alone: no Gram; without it: no ``|x|`` sums), ``"fisher"`` gives ``stats.fisher``,
+    ``"original"`` gives ``stats.original``: the layer's weight as it was before this block's first step (kept until
     the block is done, so a compensating step sees what the earlier steps changed).
     Optional ``measure(name, layer, stats)`` + ``allocate()``: the two-pass protocol above.
     Optional ``stats_dtype``: the dtype its input statistics accumulate in (float64 unless the
@@ -89,7 +91,10 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
     ``sequential="layer"``: one forward per block, each target getting all its steps once every
     batch has reached it (:mod:`slimtune.calib.staged`); ``"block"``: per step a forward
     collecting the statistics of all the block's targets, then one for the block's outputs
-    (less memory: one batch's activations alive instead of all batches').
+    (less memory: one batch's activations alive instead of all batches'). Blocks after the
+    last one in which a step reads calibration inputs (``"gram"``/``"mean_abs"``) are not run:
+    their steps are applied directly (a data-free recipe such as RTN or magnitude runs no
+    forward at all).
 
     ``batch_size`` windows run per block forward; with ``heap="trim"`` glibc's free heap pages go
     back to the OS after every block (:func:`trim_heap`; ``"default"``: left to glibc). These
@@ -122,6 +127,9 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
     if fisher_names and not is_causal_lm(model):
         raise ValueError(f"a step needs 'fisher', which needs a causal LM; {type(model).__name__}"
                          " is not one")
+    # blocks after the last one a step reads calibration inputs in are not run at all
+    last_data = max((i for needs, bb in per_step if needs & STAT_KINDS
+                     for i, names in enumerate(bb) if names), default=-1)
     two_pass = [k for k, s in enumerate(steps)
                 if callable(getattr(s, "measure", None)) and callable(getattr(s, "allocate", None))]
     warn_small_calibration(model, steps, per_step, windows)
@@ -182,19 +190,25 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
                   for k in ks if per_step[k][0] & STAT_KINDS}
         dtype = torch.float64 if torch.float64 in dtypes or not dtypes else torch.float32
 
-        def compress(name, layer, inputs):
-            ks = todo[name]
-            if any("original" in per_step[k][0] for k in ks):
-                originals[name] = dense_weight(layer).clone()
-            for k in ks:
-                layer = apply(k, name, layer, stats_for(name, per_step[k][0], {name: inputs}))
-            originals.pop(name, None)
-            return layer
-
         t, applying = time.perf_counter(), sum(e["seconds"] for e in report["steps"])
-        run_staged(walker, i, order, track, dtype, compress)
+        run_staged(walker, i, order, track, dtype, partial(compress_layer, i))
         applying = sum(e["seconds"] for e in report["steps"]) - applying
         report["forward_seconds"] += time.perf_counter() - t - applying
+
+    def compress_layer(i: int, name: str, layer: nn.Module, inputs) -> nn.Module:
+        """Every step of block i that targets ``name``, in recipe order, on one set of inputs."""
+        ks = [k for k, (_, bb) in enumerate(per_step) if name in bb[i]]
+        if any("original" in per_step[k][0] for k in ks):
+            originals[name] = dense_weight(layer).clone()
+        for k in ks:
+            layer = apply(k, name, layer, stats_for(name, per_step[k][0], {name: inputs}))
+        originals.pop(name, None)
+        return layer
+
+    def walk_block_direct(i: int) -> None:
+        """No step of block i or later reads calibration inputs: apply, no forward."""
+        for name in blocks_targets(i):
+            set_module(model, name, compress_layer(i, name, model.get_submodule(name), None))
 
     def walk_block_per_step(i: int) -> None:
         """Per step: a forward of block i collecting its statistics, then its apply."""
@@ -244,19 +258,22 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
                     steps[k].allocate()
                 report["measure_seconds"] = time.perf_counter() - t
             t = time.perf_counter()
-            walker.capture()
-            check_finite(walker.inps, "the embeddings (inputs of block 0)")
+            if last_data >= 0:
+                walker.capture()
+                check_finite(walker.inps, "the embeddings (inputs of block 0)")
             report["capture_seconds"] = time.perf_counter() - t
             for i in range(len(blocks)):
-                if sequential == "layer":
+                if i > last_data:
+                    walk_block_direct(i)
+                elif sequential == "layer":
                     walk_block_staged(i)
                 else:
                     walk_block_per_step(i)
-                    if i + 1 < len(blocks):
+                    if i < last_data:
                         t = time.perf_counter()
                         walker.run(i, "outputs", keep=True)
                         report["forward_seconds"] += time.perf_counter() - t
-                if i + 1 < len(blocks):
+                if i < last_data:
                     check_finite(walker.outs, f"block {i} (compressed)")
                     walker.advance()
                 for needs, by_block in per_step:
