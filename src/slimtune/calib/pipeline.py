@@ -69,8 +69,9 @@ class BlockStep(Protocol):
     :data:`NEEDS`: ``"gram"`` gives ``stats.inputs`` = float64 :class:`InputStatistics` with X^T X
     (and so ``sq_sum``, its diagonal), ``"mean_abs"`` one with the per-column sums of ``|x|`` and
     ``x²`` (alone: no Gram; without it: no ``|x|`` sums), ``"fisher"`` gives ``stats.fisher``,
-    ``"original"`` gives ``stats.original``: the layer's weight as it was before this block's first step (kept until
-    the block is done, so a compensating step sees what the earlier steps changed).
+    ``"original"`` gives ``stats.original``: the layer's weight as it was before this block's
+    first step (kept until the block is done, so a compensating step sees what the earlier steps
+    changed).
     Optional ``measure(name, layer, stats)`` + ``allocate()``: the two-pass protocol above.
     Optional ``stats_dtype``: the dtype its input statistics accumulate in (float64 unless the
     step says float32, as the OBS steps do: their Gram is damped anyway and float32 halves
