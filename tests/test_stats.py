@@ -93,7 +93,8 @@ def test_tracked_kinds_agree_and_untracked_abs_is_a_clear_error():
     other = InputStatistics(n, track_gram=False)
     other.update(xs[0])
     sums_only.merge(other)
-    torch.testing.assert_close(sums_only.sq_norm(), X.square().sum(0) + xs[0].double().square().sum(0))
+    torch.testing.assert_close(sums_only.sq_norm(),
+                               X.square().sum(0) + xs[0].double().square().sum(0))
 
 
 def test_update_ignores_autograd():
