@@ -9,6 +9,8 @@ from slimtune.calib import calibration_windows, run_pipeline
 from slimtune.compress import METHODS, RecipeError, build_steps, check_targets, load_recipe
 from slimtune.compress.quant.common import QuantConfig
 from slimtune.layers import FactoredLinear, PackedQuantBase
+from slimtune.weights.hessian import layer_hessian
+from slimtune.weights.obs import hessian_factor
 from slimtune.weights.quant import QuantSpec, dequantize, quantize, round_to_nearest
 
 QUANT = [n for n in METHODS.names() if issubclass(METHODS.get(n).config, QuantConfig)]
@@ -84,3 +86,29 @@ def test_a_bf16_layer_stays_bf16(method, smollm2):
     assert new(x).dtype == torch.bfloat16 and new.base.scale.dtype == torch.bfloat16
     ref = linear(x).float()
     assert float((new(x).float() - ref).norm() / ref.norm()) < 0.03
+
+
+@pytest.mark.parametrize("recipe", [{"method": "gptq", "bits": 4, "act_order": True},
+                                    {"method": "sparsegpt", "sparsity": 0.5}])
+def test_layers_of_one_input_share_one_hessian_factor(recipe, smollm2, monkeypatch):
+    """q/k/v and gate/up read the same input: one H and one Cholesky factor serve each group, so
+    a LLaMA block needs 4 factors for its 7 linears (and the results equal unshared ones)."""
+    import slimtune.compress.hessian_factors as hf
+    from slimtune.weights.stats import InputStatistics
+
+    made = []
+    monkeypatch.setattr(hf, "hessian_factor", lambda *a, **k: made.append(1) or
+                        hessian_factor(*a, **k))
+    model, tok = copy.deepcopy(smollm2[0]), smollm2[1]
+    steps = build_steps(load_recipe([{**recipe, "targets": r"model\.layers\.0\..*"}]))
+    run_pipeline(model, calibration_windows(tok, "ptb", "train", n=2, seqlen=64, seed=0), steps,
+                 progress=False)
+    assert len(made) == 4
+    stats = InputStatistics(64, dtype=torch.float32)
+    stats.update(torch.randn(200, 64, generator=torch.Generator().manual_seed(0)))
+    cache = hf.HessianFactors(0.01, act_order=True)
+    first = cache.get(stats, torch.device("cpu"))
+    assert cache.get(stats, torch.device("cpu")) is first
+    stats.update(torch.randn(20, 64, generator=torch.Generator().manual_seed(1)))
+    fresh = cache.get(stats, torch.device("cpu"))  # updated statistics: a new factor
+    assert fresh is not first and torch.equal(fresh.H, layer_hessian(stats.gram(), 220))

@@ -3,7 +3,7 @@ import torch
 
 from slimtune.weights.hessian import (add_damping, damped_hessian, fix_dead, inverse_cholesky,
                                       layer_hessian)
-from slimtune.weights.obs import gptq, sparsegpt
+from slimtune.weights.obs import gptq, hessian_factor, sparsegpt
 from slimtune.weights.quant import QuantSpec, dequantize, quantize, round_to_nearest
 from slimtune.weights.sparsity import (layer_mask, magnitude_scores, nm_mask, parse_pattern,
                                        row_mask, wanda_scores)
@@ -132,6 +132,21 @@ def test_sparsegpt_exact_counts_and_zeros():
         sparsegpt(W, H, 0.25, pattern=(2, 4), block_size=32)
 
 
+def test_a_shared_factor_gives_the_same_result():
+    X = torch.randn(300, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    H = layer_hessian(X.T @ X, 300)
+    f = hessian_factor(H, 0.01, act_order=True)
+    for W in (_w(16, 64), _w(8, 64, seed=1)):  # two layers of one input, e.g. k and v
+        alone = gptq(W, H, QuantSpec(3, 16), block_size=16, act_order=True)
+        shared = gptq(W, f.H, QuantSpec(3, 16), block_size=16, act_order=True, factor=f)
+        assert torch.equal(alone.q, shared.q) and alone.error == shared.error
+    with pytest.raises(ValueError, match="act_order"):
+        gptq(W, H, QuantSpec(3, 16), act_order=False, factor=f)
+    natural = hessian_factor(H, 0.01)
+    alone, shared = sparsegpt(W, H, 0.5), sparsegpt(W, H, 0.5, factor=natural)
+    assert torch.equal(alone.mask, shared.mask) and torch.equal(alone.weight, shared.weight)
+
+
 # --- a real layer -----------------------------------------------------------------------------
 
 TEXT = ("The committee met on Tuesday to discuss the new budget for the public library. "
@@ -169,3 +184,18 @@ def test_real_layer_gptq_and_sparsegpt(real_layer):
     wanda = W * row_mask(wanda_scores(W, torch.diagonal(G).sqrt()), 0.5)
     sgpt = _loss(W, res.weight, H)
     assert sgpt < _loss(W, mag, H) and sgpt < _loss(W, wanda, H)
+
+
+def test_real_layer_float32_sweep_matches_float64(real_layer):
+    """The sweep runs in the weight's precision: float32 (as the reference codes) lands on the
+    same grid points as float64 almost everywhere, at the same calibration loss."""
+    W, G, H = real_layer
+    spec = QuantSpec(4, None, True)
+    r32, r64 = gptq(W, H, spec, act_order=True), gptq(W.double(), H, spec, act_order=True)
+    assert r32.weight.dtype == torch.float32 and r64.weight.dtype == torch.float64
+    assert (r32.q == r64.q).float().mean() > 0.99
+    l32, l64 = _loss(W, r32.weight, H), _loss(W, r64.weight, H)
+    assert l32 == pytest.approx(l64, rel=0.01)
+    s32, s64 = sparsegpt(W, H, 0.5), sparsegpt(W.double(), H, 0.5)
+    assert (s32.mask == s64.mask).float().mean() > 0.99
+    assert _loss(W, s32.weight, H) == pytest.approx(_loss(W, s64.weight, H), rel=0.01)

@@ -87,7 +87,7 @@ def inverse_cholesky(H: Tensor, damp: float = 0.01, max_tries: int = 6,
         if attempt:
             d *= growth
         L, info = torch.linalg.cholesky_ex(add_damping(H, d))
-        if int(info) != 0 or not torch.isfinite(L).all():
+        if int(info) != 0:  # a finite H factored without error has a finite L
             continue
         U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
         if int(info) == 0 and torch.isfinite(U).all():

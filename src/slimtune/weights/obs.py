@@ -22,11 +22,13 @@ in blocks of ``block_size`` columns with lazy batch updates of the later blocks
 
 ``error`` is the sum of the OBS losses (the references' ``Losses.sum()``); since every step is
 an exact OBS step of the quadratic, it equals ``tr(ΔW H_d ΔWᵀ) / 2`` with ``ΔW = W - Ŵ`` and
-``H_d`` the damped Hessian actually used (``damp_used``). The sweep is float64 on ``W``'s device
-(float64 must be supported there; the references sweep in float32); outputs are in
-``compute_dtype(W)``. ``H`` is the UNDAMPED
-``2G/n`` (:func:`slimtune.weights.hessian.layer_hessian`); inputs with ``diag(H) = 0`` are dead
-and their columns are zeroed before the solve (see :mod:`slimtune.weights.hessian`).
+``H_d`` the damped Hessian actually used (``damp_used``). ``H`` and its Cholesky factor are
+float64; the sweep runs in ``compute_dtype(W)`` (float32 for float32 and half weights, as the
+references; float64 for float64 weights) on ``W``'s device, on ``Wᵀ`` so that every column is
+one contiguous row (the per-column steps are small and their count, not their arithmetic, sets
+the time). ``H`` is the UNDAMPED ``2G/n`` (:func:`slimtune.weights.hessian.layer_hessian`);
+inputs with ``diag(H) = 0`` are dead and their columns are zeroed before the solve (see
+:mod:`slimtune.weights.hessian`).
 """
 from __future__ import annotations
 
@@ -38,12 +40,12 @@ from torch import Tensor
 
 from slimtune.weights.hessian import inverse_cholesky
 from slimtune.weights.precision import compute_dtype
-from slimtune.weights.quant import (Grid, QuantSpec, dequantize, dequantize_values, fit_grid,
-                                    quantize_values)
+from slimtune.weights.quant import Grid, QuantSpec, dequantize, fit_grid, quantize
 from slimtune.weights.sparsity import nm_mask, prune_count, prune_lowest
 
-# (global column j, local column i, block W1 [out, width], block U1) -> the fixed column ŵ_j
-ColumnRule = Callable[[int, int, Tensor, Tensor], Tensor]
+# (global column j, local column i, block Wᵀ [width, out], block U_jj² [width], out row) -> None:
+# writes the fixed column ŵ_j into ``out``
+ColumnRule = Callable[[int, int, Tensor, Tensor, Tensor], None]
 INNER_BLOCK = 32  # columns per per-column update span inside a block (see _sweep)
 
 
@@ -65,7 +67,7 @@ class SparseGPTResult:
 
 
 def _prepare(W: Tensor, H: Tensor, block_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``(W float64 with dead columns zeroed, H float64 on W's device, dead)``."""
+    """``(W in compute_dtype(W) with dead columns zeroed, H float64 on W's device, dead)``."""
     if W.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {tuple(W.shape)}")
     if H.shape != (W.shape[1], W.shape[1]):
@@ -75,80 +77,122 @@ def _prepare(W: Tensor, H: Tensor, block_size: int) -> tuple[Tensor, Tensor, Ten
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     H = H.detach().to(device=W.device, dtype=torch.float64)
     dead = torch.diagonal(H) == 0
-    W = W.detach().to(torch.float64).clone()
+    W = W.detach().to(compute_dtype(W)).clone()
     W[:, dead] = 0
     return W, H, dead
 
 
-def _sweep(W: Tensor, U: Tensor, block_size: int, rule: ColumnRule,
+def _sweep(WT: Tensor, U: Tensor, block_size: int, rule: ColumnRule,
            inner: int = INNER_BLOCK) -> tuple[Tensor, float]:
-    """The blocked OBS sweep: ``(Ŵ, Σ losses)``; ``W`` is consumed. Inside each block
-    of ``block_size`` columns (what ``rule`` sees), the per-column updates reach only the next
-    ``inner`` columns and the rest of the block is updated by one product per ``inner`` columns:
-    the same algebra as updating the whole block per column, with a fraction of the memory
-    traffic (the per-column update is memory-bound)."""
-    cols = W.shape[1]
-    Q = torch.zeros_like(W)
-    loss = W.new_zeros(())
+    """The blocked OBS sweep over ``WT = Wᵀ [in, out]`` (consumed): ``(Ŵᵀ, Σ losses)``. Inside
+    each block of ``block_size`` columns (what ``rule`` sees), the per-column updates reach only
+    the next ``inner`` columns and the rest of the block is updated by one product per ``inner``
+    columns: the same algebra as updating the whole block per column, with a fraction of the
+    memory traffic (the per-column update is memory-bound). The rows of ``U`` are divided by
+    their diagonal first, so the per-column step needs only ``w_j - ŵ_j`` (``e · U_jj``)."""
+    cols = WT.shape[0]
+    diag = torch.diagonal(U).to(WT.dtype)
+    V = (U / torch.diagonal(U)[:, None]).to(WT.dtype)  # row j: U[j, :] / U_jj
+    QT = torch.empty_like(WT)
+    loss = 0.0
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
-        E1 = torch.zeros_like(W1)
+        W1, V1 = WT[i1:i2], V[i1:i2, i1:i2]
+        D1, dsq1 = torch.empty_like(W1), diag[i1:i2].square()  # D1 rows: w_j - ŵ_j
+        w_rows, d_rows, q_rows = W1.unbind(0), D1.unbind(0), QT[i1:i2].unbind(0)
         for s1 in range(0, i2 - i1, inner):
             s2 = min(s1 + inner, i2 - i1)
             for i in range(s1, s2):
-                q = rule(i1 + i, i, W1, U1)
-                e = (W1[:, i] - q) / U1[i, i]
-                W1[:, i:s2].addr_(e, U1[i, i:s2], alpha=-1)
-                Q[:, i1 + i], E1[:, i] = q, e
-            W1[:, s2:] -= E1[:, s1:s2] @ U1[s1:s2, s2:]
-        loss += E1.square().sum() / 2
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return Q, float(loss)
+                rule(i1 + i, i, W1, dsq1, q_rows[i])
+                d = torch.sub(w_rows[i], q_rows[i], out=d_rows[i])
+                if i + 1 < s2:
+                    W1[i + 1:s2].addr_(V1[i, i + 1:s2], d, alpha=-1)
+            if s2 < i2 - i1:
+                W1[s2:].addmm_(V1[s1:s2, s2:].T, D1[s1:s2], alpha=-1)
+        loss += float((D1 / diag[i1:i2, None]).square().sum()) / 2
+        if i2 < cols:
+            WT[i2:].addmm_(V[i1:i2, i2:].T, D1, alpha=-1)
+    return QT, loss
+
+
+@dataclass(frozen=True)
+class HessianFactor:
+    """What a sweep needs from one undamped ``H``: layers fed the same inputs can share it."""
+
+    H: Tensor                # undamped float64 [in, in]
+    perm: Tensor | None      # the act-order sweep order (descending diag(H)), None = natural
+    U: Tensor                # upper Cholesky factor of (damped H, permuted by perm)⁻¹, float64
+    damp_used: float
+
+
+def hessian_factor(H: Tensor, damp: float = 0.01, act_order: bool = False,
+                   device: torch.device | None = None) -> HessianFactor:
+    """The :class:`HessianFactor` of the undamped ``H`` on ``device`` (default ``H``'s)."""
+    H = H.detach().to(device=device or H.device, dtype=torch.float64)
+    perm = None
+    if act_order:
+        perm = torch.sort(torch.diagonal(H), descending=True, stable=True).indices
+    U, used = inverse_cholesky(H if perm is None else H[perm[:, None], perm], damp)
+    return HessianFactor(H, perm, U, used)
+
+
+def _factor(H: Tensor, damp: float, act_order: bool, device, factor: HessianFactor | None):
+    if factor is None:
+        return hessian_factor(H, damp, act_order, device)
+    if (factor.perm is not None) != act_order or factor.H.shape != H.shape:
+        raise ValueError("the given HessianFactor was made for another act_order or shape")
+    return factor
 
 
 def gptq(W: Tensor, H: Tensor, spec: QuantSpec, block_size: int = 128, act_order: bool = False,
-         damp: float = 0.01, keep: Tensor | None = None) -> GPTQResult:
+         damp: float = 0.01, keep: Tensor | None = None,
+         factor: HessianFactor | None = None) -> GPTQResult:
     """GPTQ of ``W [out, in]`` under the undamped Hessian ``H [in, in]`` (module docstring).
-    ``keep`` (bool ``[out, in]``): entries outside it are pruned and quantised to exactly 0."""
+    ``keep`` (bool ``[out, in]``): entries outside it are pruned and quantised to exactly 0.
+    ``factor``: :func:`hessian_factor` of this ``H`` (with this ``damp`` and ``act_order``),
+    computed once for layers that share their inputs; made here when None."""
     if keep is not None and keep.shape != W.shape:
         raise ValueError(f"keep mask shape {tuple(keep.shape)} != weight {tuple(W.shape)}")
-    out_dtype = compute_dtype(W)
-    W64, H64, dead = _prepare(W, H, block_size)
-    g = spec.group_width(W.shape[1])
-    grid = fit_grid(W64.to(out_dtype), spec)  # dead columns already zero
-    perm = torch.arange(W.shape[1], device=W.device)
-    if act_order:
-        perm = torch.sort(torch.diagonal(H64), descending=True, stable=True).indices
-    U, used = inverse_cholesky(H64[perm][:, perm], damp)
-    # the (scale, zero) of every swept position, from its natural group
-    scale = grid.scale[:, perm // g]
-    zero = grid.zero.to(scale.dtype)[:, perm // g]
-    kept = None if keep is None else keep.to(W.device)[:, perm]
-    q_swept = torch.zeros(W.shape, dtype=scale.dtype, device=W.device)  # integers, as floats
+    Wc, H64, dead = _prepare(W, H, block_size)
+    f = _factor(H64, damp, act_order, W.device, factor)
+    rows, cols = W.shape
+    g = spec.group_width(cols)
+    grid = fit_grid(Wc, spec)  # dead columns already zero
+    perm = torch.arange(cols, device=W.device) if f.perm is None else f.perm.to(W.device)
+    # ŵ = clamp(round(w / s), q_min - z, q_max - z) · s is (clamp(round(w / s) + z) - z) · s
+    # exactly (small integers), with (s, z) of the swept column's NATURAL group. Pruned entries
+    # get the bounds [0, 0], so they are fixed at exactly 0.
+    scale, zero = grid.scale.T.contiguous(), grid.zero.T.to(grid.scale.dtype)  # [groups, out]
+    lo, hi = (spec.q_min - zero).contiguous(), (spec.q_max - zero).contiguous()
+    group = (perm // g).tolist()
+    s_rows = [scale[k] for k in group]
+    if keep is None:
+        lo_rows, hi_rows = [lo[k] for k in group], [hi[k] for k in group]
+    else:
+        kept = keep.to(W.device)[:, perm].T
+        lo_rows = lo[perm // g].where(kept, 0).unbind(0)
+        hi_rows = hi[perm // g].where(kept, 0).unbind(0)
 
-    def rule(j: int, i: int, W1: Tensor, U1: Tensor) -> Tensor:
-        s, z = scale[:, j], zero[:, j]
-        qj = quantize_values(W1[:, i].to(s.dtype), s, z, spec)
-        if kept is not None:
-            qj = torch.where(kept[:, j], qj, z)
-        q_swept[:, j] = qj
-        return dequantize_values(qj, s, z).to(W1.dtype)
+    def rule(j: int, i: int, W1: Tensor, dsq: Tensor, out: Tensor) -> None:
+        s = s_rows[j]
+        torch.div(W1[i], s, out=out).round_().clamp_(lo_rows[j], hi_rows[j]).mul_(s)
 
-    _, error = _sweep(W64[:, perm], U, block_size, rule)
-    q = torch.empty(W.shape, dtype=torch.int32, device=W.device)
-    q[:, perm] = q_swept.to(torch.int32)
-    return GPTQResult(q, grid, dequantize(q, grid, out_dtype), used, error)
+    WT = (Wc if f.perm is None else Wc[:, perm]).T.contiguous()
+    QT, error = _sweep(WT, f.U, block_size, rule)
+    weight = QT.T if f.perm is None else torch.empty_like(Wc).index_copy_(1, perm, QT.T)
+    q = quantize(weight, grid)  # exact: every entry of Ŵ lies on the grid
+    return GPTQResult(q, grid, dequantize(q, grid, compute_dtype(W)), f.damp_used, error)
 
 
 def sparsegpt(W: Tensor, H: Tensor, sparsity: float | None, pattern: tuple[int, int] | None = None,
-              block_size: int = 128, damp: float = 0.01) -> SparseGPTResult:
+              block_size: int = 128, damp: float = 0.01,
+              factor: HessianFactor | None = None) -> SparseGPTResult:
     """SparseGPT of ``W [out, in]`` under the undamped Hessian ``H`` (module docstring):
     ``pattern=None`` prunes ``floor(sparsity · numel)`` entries, ``pattern=(n, m)`` keeps ``n``
     of every ``m`` consecutive inputs per row (``sparsity`` must then be None or ``1 - n/m``;
-    ``m`` must divide ``block_size`` and ``in``)."""
-    out_dtype = compute_dtype(W)
-    W64, H64, _ = _prepare(W, H, block_size)
+    ``m`` must divide ``block_size`` and ``in``). ``factor`` as for :func:`gptq` (natural
+    order)."""
+    Wc, H64, _ = _prepare(W, H, block_size)
     rows, cols = W.shape
     if pattern is None:
         prune_count(sparsity, 1)  # validates sparsity
@@ -161,19 +205,23 @@ def sparsegpt(W: Tensor, H: Tensor, sparsity: float | None, pattern: tuple[int, 
                              f"({1 - n / m:g} sparse)")
         if cols % m or block_size % m:
             raise ValueError(f"M={m} must divide the {cols} inputs and block_size {block_size}")
-    U, used = inverse_cholesky(H64, damp)
-    mask = torch.ones(W.shape, dtype=torch.bool, device=W.device)
+    f = _factor(H64, damp, False, W.device, factor)
+    maskT = torch.ones((cols, rows), dtype=torch.bool, device=W.device)  # [in, out], as Wᵀ
+    zero = Wc.new_zeros(())
 
-    def rule(j: int, i: int, W1: Tensor, U1: Tensor) -> Tensor:
+    def rule(j: int, i: int, W1: Tensor, dsq: Tensor, out: Tensor) -> None:
+        # saliencies are ranked as [out, in] matrices (.T views), so ties break as in sparsity.py
         if pattern is None and i == 0:
-            width = W1.shape[1]
+            width = W1.shape[0]
             k = prune_count(sparsity, (j + width) * rows) - prune_count(sparsity, j * rows)
-            mask[:, j:j + width] = prune_lowest(W1.square() / torch.diagonal(U1).square(), k)
+            sal = W1.square() / dsq[:, None]
+            maskT[j:j + width] = prune_lowest(sal.T, k).T
         elif pattern is not None and i % m == 0:
-            sal = W1[:, i:i + m].square() / torch.diagonal(U1)[i:i + m].square()
-            mask[:, j:j + m] = nm_mask(sal, n, m)
-        return torch.where(mask[:, j], W1[:, i], torch.zeros_like(W1[:, i]))
+            sal = W1[i:i + m].square() / dsq[i:i + m, None]
+            maskT[j:j + m] = nm_mask(sal.T, n, m).T
+        torch.where(maskT[j], W1[i], zero, out=out)
 
     inner = INNER_BLOCK if pattern is None else m * max(1, INNER_BLOCK // m)  # whole N:M groups
-    Q, error = _sweep(W64, U, block_size, rule, inner)
-    return SparseGPTResult(Q.to(out_dtype), mask, used, error)
+    QT, error = _sweep(Wc.T.contiguous(), f.U, block_size, rule, inner)
+    mask = maskT.T.contiguous()
+    return SparseGPTResult(QT.T.contiguous(), mask, f.damp_used, error)

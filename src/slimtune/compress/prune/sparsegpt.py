@@ -19,9 +19,9 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from slimtune.compress.hessian_factors import HessianFactors
 from slimtune.compress.prune.common import PruneConfig, PruneStep, check_layer
 from slimtune.compress.registry import METHODS
-from slimtune.weights.hessian import layer_hessian
 from slimtune.weights.obs import sparsegpt
 
 NEEDS = frozenset({"gram"})
@@ -47,14 +47,15 @@ class SparseGPTConfig(PruneConfig):
 
 def build(config: SparseGPTConfig) -> PruneStep:
     nm = config.nm
+    factors = HessianFactors(config.damp)  # shared by layers of one input
 
     def prune(name, W, stats):
         inputs = getattr(stats, "inputs", None)
         if inputs is None or inputs.gram_sum is None:
             raise ValueError("sparsegpt needs the input Gram matrix X^T X (needs={'gram'})")
-        H = layer_hessian(inputs.gram(), inputs.n_tokens)
-        result = sparsegpt(W, H, None if nm else config.fraction, nm, config.block_size,
-                           config.damp)
+        f = factors.get(inputs, W.device)
+        result = sparsegpt(W, f.H, None if nm else config.fraction, nm, config.block_size,
+                           config.damp, factor=f)
         return result.weight, result.mask, {"damp": result.damp_used, "loss": result.error}
 
     return PruneStep("sparsegpt", config, NEEDS, prune)

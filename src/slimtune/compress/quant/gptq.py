@@ -22,9 +22,9 @@ from typing import Literal
 
 from pydantic import Field
 
+from slimtune.compress.hessian_factors import HessianFactors
 from slimtune.compress.quant.common import QuantConfig, QuantStep, check_layer
 from slimtune.compress.registry import METHODS
-from slimtune.weights.hessian import layer_hessian
 from slimtune.weights.obs import gptq
 
 NEEDS = frozenset({"gram"})
@@ -42,12 +42,15 @@ class GPTQConfig(QuantConfig):
 
 
 def build(config: GPTQConfig) -> QuantStep:
+    factors = HessianFactors(config.damp, config.act_order)  # shared by layers of one input
+
     def quantise(W, stats, spec, keep):
         inputs = getattr(stats, "inputs", None)
         if inputs is None or inputs.gram_sum is None:
             raise ValueError("gptq needs the input Gram matrix X^T X (needs={'gram'})")
-        H = layer_hessian(inputs.gram(), inputs.n_tokens)
-        result = gptq(W, H, spec, config.block_size, config.act_order, config.damp, keep=keep)
+        f = factors.get(inputs, W.device)
+        result = gptq(W, f.H, spec, config.block_size, config.act_order, config.damp, keep=keep,
+                      factor=f)
         return result.q, result.grid, {"damp": result.damp_used, "loss": result.error}
 
     return QuantStep("gptq", config, NEEDS, quantise)
