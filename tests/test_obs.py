@@ -6,7 +6,7 @@ from slimtune.weights.hessian import (add_damping, damped_hessian, fix_dead, inv
 from slimtune.weights.obs import gptq, hessian_factor, sparsegpt
 from slimtune.weights.quant import QuantSpec, dequantize, quantize, round_to_nearest
 from slimtune.weights.sparsity import (layer_mask, magnitude_scores, nm_mask, parse_pattern,
-                                       row_mask, wanda_scores)
+                                       prune_lowest, row_mask, wanda_scores)
 
 
 def _w(out=48, inp=128, seed=0):
@@ -43,6 +43,17 @@ def test_mask_counts():
     ties = torch.ones(1, 8)  # stable: the earlier columns are kept
     assert nm_mask(ties, 2, 4).tolist() == [[True, True, False, False] * 2]
     assert row_mask(ties, 0.25).tolist() == [[True] * 6 + [False] * 2]
+
+
+def test_prune_lowest_selects_as_the_stable_sort():
+    g = torch.Generator().manual_seed(0)
+    for shape in ((7, 13), (64, 128)):
+        for S in (torch.randint(0, 5, shape, generator=g).float(), torch.rand(shape, generator=g)):
+            order = torch.sort(S.reshape(-1), descending=True, stable=True).indices
+            for k in (0, 1, 17, S.numel() // 2, S.numel() - 1, S.numel()):
+                ref = torch.zeros(S.numel(), dtype=torch.bool)
+                ref[order[:S.numel() - k]] = True
+                assert torch.equal(prune_lowest(S, k), ref.reshape(shape)), (shape, k)
 
 
 # --- hessian ----------------------------------------------------------------------------------

@@ -43,9 +43,9 @@ from slimtune.weights.precision import compute_dtype
 from slimtune.weights.quant import Grid, QuantSpec, dequantize, fit_grid, quantize
 from slimtune.weights.sparsity import nm_mask, prune_count, prune_lowest
 
-# (global column j, local column i, block Wᵀ [width, out], block U_jj² [width], out row) -> None:
-# writes the fixed column ŵ_j into ``out``
-ColumnRule = Callable[[int, int, Tensor, Tensor, Tensor], None]
+# (global column j, local column i, its row w of the block Wᵀ [width, out], the block, the
+# block's U_jj² [width], out row) -> None: writes the fixed column ŵ_j into ``out``
+ColumnRule = Callable[[int, int, Tensor, Tensor, Tensor, Tensor], None]
 INNER_BLOCK = 32  # columns per per-column update span inside a block (see _sweep)
 
 
@@ -103,7 +103,7 @@ def _sweep(WT: Tensor, U: Tensor, block_size: int, rule: ColumnRule,
         for s1 in range(0, i2 - i1, inner):
             s2 = min(s1 + inner, i2 - i1)
             for i in range(s1, s2):
-                rule(i1 + i, i, W1, dsq1, q_rows[i])
+                rule(i1 + i, i, w_rows[i], W1, dsq1, q_rows[i])
                 d = torch.sub(w_rows[i], q_rows[i], out=d_rows[i])
                 if i + 1 < s2:
                     W1[i + 1:s2].addr_(V1[i, i + 1:s2], d, alpha=-1)
@@ -165,17 +165,18 @@ def gptq(W: Tensor, H: Tensor, spec: QuantSpec, block_size: int = 128, act_order
     scale, zero = grid.scale.T.contiguous(), grid.zero.T.to(grid.scale.dtype)  # [groups, out]
     lo, hi = (spec.q_min - zero).contiguous(), (spec.q_max - zero).contiguous()
     group = (perm // g).tolist()
-    s_rows = [scale[k] for k in group]
+    scales, los, his = scale.unbind(0), lo.unbind(0), hi.unbind(0)  # one view per group
+    s_rows = [scales[k] for k in group]
     if keep is None:
-        lo_rows, hi_rows = [lo[k] for k in group], [hi[k] for k in group]
+        lo_rows, hi_rows = [los[k] for k in group], [his[k] for k in group]
     else:
         kept = keep.to(W.device)[:, perm].T
         lo_rows = lo[perm // g].where(kept, 0).unbind(0)
         hi_rows = hi[perm // g].where(kept, 0).unbind(0)
 
-    def rule(j: int, i: int, W1: Tensor, dsq: Tensor, out: Tensor) -> None:
+    def rule(j: int, i: int, w: Tensor, W1: Tensor, dsq: Tensor, out: Tensor) -> None:
         s = s_rows[j]
-        torch.div(W1[i], s, out=out).round_().clamp_(lo_rows[j], hi_rows[j]).mul_(s)
+        torch.div(w, s, out=out).round_().clamp_(lo_rows[j], hi_rows[j]).mul_(s)
 
     WT = (Wc if f.perm is None else Wc[:, perm]).T.contiguous()
     QT, error = _sweep(WT, f.U, block_size, rule)
@@ -209,7 +210,7 @@ def sparsegpt(W: Tensor, H: Tensor, sparsity: float | None, pattern: tuple[int, 
     maskT = torch.ones((cols, rows), dtype=torch.bool, device=W.device)  # [in, out], as Wᵀ
     zero = Wc.new_zeros(())
 
-    def rule(j: int, i: int, W1: Tensor, dsq: Tensor, out: Tensor) -> None:
+    def rule(j: int, i: int, w: Tensor, W1: Tensor, dsq: Tensor, out: Tensor) -> None:
         # saliencies are ranked as [out, in] matrices (.T views), so ties break as in sparsity.py
         if pattern is None and i == 0:
             width = W1.shape[0]
@@ -219,7 +220,7 @@ def sparsegpt(W: Tensor, H: Tensor, sparsity: float | None, pattern: tuple[int, 
         elif pattern is not None and i % m == 0:
             sal = W1[i:i + m].square() / dsq[i:i + m, None]
             maskT[j:j + m] = nm_mask(sal.T, n, m).T
-        torch.where(maskT[j], W1[i], zero, out=out)
+        torch.where(maskT[j], w, zero, out=out)
 
     inner = INNER_BLOCK if pattern is None else m * max(1, INNER_BLOCK // m)  # whole N:M groups
     QT, error = _sweep(Wc.T.contiguous(), f.U, block_size, rule, inner)

@@ -76,10 +76,20 @@ def row_mask(scores: Tensor, sparsity: float) -> Tensor:
 
 
 def prune_lowest(scores: Tensor, k: int) -> Tensor:
-    """Prune exactly the ``k`` lowest scores over the whole tensor."""
+    """Prune exactly the ``k`` lowest scores over the whole tensor (ties as the stable sort: the
+    later entries in row-major order go first). By selection, not by sorting: the ``k``-th
+    lowest ``t`` is found in linear time, every score below ``t`` is pruned and the last of the
+    scores equal to ``t`` make up the count."""
     if not 0 <= k <= scores.numel():
         raise ValueError(f"cannot prune {k} of {scores.numel()} entries")
-    return _keep_top(scores.reshape(1, -1), scores.numel() - k).reshape(scores.shape)
+    flat = scores.reshape(-1)
+    mask = torch.ones(flat.shape, dtype=torch.bool, device=flat.device)
+    if k:
+        t = torch.kthvalue(flat, k).values
+        mask[flat < t] = False
+        ties = torch.nonzero(flat == t).squeeze(1)
+        mask[ties[len(ties) - (k - int((~mask).sum())):]] = False
+    return mask.reshape(scores.shape)
 
 
 def layer_mask(scores: Tensor, sparsity: float) -> Tensor:
