@@ -153,9 +153,9 @@ def gptq(W: Tensor, H: Tensor, spec: QuantSpec, block_size: int = 128, act_order
     computed once for layers that share their inputs; made here when None."""
     if keep is not None and keep.shape != W.shape:
         raise ValueError(f"keep mask shape {tuple(keep.shape)} != weight {tuple(W.shape)}")
-    Wc, H64, dead = _prepare(W, H, block_size)
+    Wc, H64, _ = _prepare(W, H, block_size)
     f = _factor(H64, damp, act_order, W.device, factor)
-    rows, cols = W.shape
+    cols = W.shape[1]
     g = spec.group_width(cols)
     grid = fit_grid(Wc, spec)  # dead columns already zero
     perm = torch.arange(cols, device=W.device) if f.perm is None else f.perm.to(W.device)
@@ -164,15 +164,15 @@ def gptq(W: Tensor, H: Tensor, spec: QuantSpec, block_size: int = 128, act_order
     # get the bounds [0, 0], so they are fixed at exactly 0.
     scale, zero = grid.scale.T.contiguous(), grid.zero.T.to(grid.scale.dtype)  # [groups, out]
     lo, hi = (spec.q_min - zero).contiguous(), (spec.q_max - zero).contiguous()
-    group = (perm // g).tolist()
+    group = perm // g
     scales, los, his = scale.unbind(0), lo.unbind(0), hi.unbind(0)  # one view per group
-    s_rows = [scales[k] for k in group]
+    swept = group.tolist()
+    s_rows = [scales[k] for k in swept]
     if keep is None:
-        lo_rows, hi_rows = [los[k] for k in group], [his[k] for k in group]
+        lo_rows, hi_rows = [los[k] for k in swept], [his[k] for k in swept]
     else:
         kept = keep.to(W.device)[:, perm].T
-        lo_rows = lo[perm // g].where(kept, 0).unbind(0)
-        hi_rows = hi[perm // g].where(kept, 0).unbind(0)
+        lo_rows, hi_rows = lo[group].where(kept, 0).unbind(0), hi[group].where(kept, 0).unbind(0)
 
     def rule(j: int, i: int, w: Tensor, W1: Tensor, dsq: Tensor, out: Tensor) -> None:
         s = s_rows[j]
