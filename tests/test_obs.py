@@ -210,3 +210,20 @@ def test_real_layer_float32_sweep_matches_float64(real_layer):
     s32, s64 = sparsegpt(W, H, 0.5), sparsegpt(W.double(), H, 0.5)
     assert (s32.mask == s64.mask).float().mean() > 0.99
     assert _loss(W, s32.weight, H) == pytest.approx(_loss(W, s64.weight, H), rel=0.01)
+
+
+def test_real_layer_inverse_cholesky_equals_the_gptq_reference_formula(real_layer):
+    """One Cholesky of the reversed H and a triangular inverse give the factor of GPTQ's
+    reference, ``cholesky(cholesky_inverse(cholesky(H_d)), upper=True)``: equal to rounding at
+    the default damping, and at least as accurate an inverse when H_d is ill-conditioned."""
+    _, _, H = real_layer
+    eye = torch.eye(H.shape[0], dtype=torch.float64)
+    for damp in (0.01, 1e-4):
+        U, used = inverse_cholesky(H, damp=damp)
+        Hd = add_damping(fix_dead(H)[0], used)
+        ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(Hd)), upper=True)
+        assert torch.equal(U, torch.triu(U)) and (torch.diagonal(U) > 0).all()
+        rel = float((U - ref).abs().max() / ref.abs().max())
+        assert rel < (1e-12 if damp == 0.01 else 1e-9), (damp, rel)
+        residual = float((U.T @ U @ Hd - eye).abs().max())
+        assert residual <= 1.5 * float((ref.T @ ref @ Hd - eye).abs().max()), damp

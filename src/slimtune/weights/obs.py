@@ -180,7 +180,7 @@ def gptq(W: Tensor, H: Tensor, spec: QuantSpec, block_size: int = 128, act_order
 
     WT = (Wc if f.perm is None else Wc[:, perm]).T.contiguous()
     QT, error = _sweep(WT, f.U, block_size, rule)
-    weight = QT.T if f.perm is None else torch.empty_like(Wc).index_copy_(1, perm, QT.T)
+    weight = (QT if f.perm is None else QT.index_select(0, torch.argsort(perm))).T  # natural
     q = quantize(weight, grid)  # exact: every entry of Ŵ lies on the grid
     return GPTQResult(q, grid, dequantize(q, grid, compute_dtype(W)), f.damp_used, error)
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from slimtune.compress.lowrank.allocation import (
     allocate_by_loss, budget, kept_params, loss_curve, truncation_losses, welore_ranks)
 from slimtune.layers import FactoredLinear, LowRank
+from slimtune.weights.precision import all_finite
 from slimtune.weights.svd import balanced_split, rank_for_ratio
 
 Factorise = Callable[[Tensor, object, "int | None"], tuple[Tensor, Tensor, Tensor]]
@@ -45,7 +46,7 @@ def linear_parts(layer: nn.Module) -> tuple[Tensor, Tensor | None]:
     if isinstance(layer, (nn.Linear, FactoredLinear)):
         with torch.no_grad():
             W = (layer.weight if isinstance(layer, nn.Linear) else layer.dense_weight()).detach()
-        if not bool(torch.isfinite(W).all()):
+        if not all_finite(W):
             raise ValueError(f"a {tuple(W.shape)} weight to compress contains NaN or Inf")
         return W, None if layer.bias is None else layer.bias.detach()
     raise TypeError(f"low-rank compression applies to nn.Linear or FactoredLinear, got "

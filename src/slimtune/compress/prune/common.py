@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from slimtune.compress.config import StepConfig
 from slimtune.compress.layer_weight import dense_part, with_base
 from slimtune.layers import DenseBase
+from slimtune.weights.precision import all_finite
 from slimtune.weights.sparsity import parse_pattern
 
 Prune = Callable[[str, Tensor, object], tuple]
@@ -100,7 +101,7 @@ class PruneStep:
         W, factored = dense_part(layer)
         if factored is not None and factored.mask_bits is not None:
             raise ValueError("the layer is pruned already (it has a mask); prune it once")
-        if not bool(torch.isfinite(W).all()):
+        if not all_finite(W):
             raise ValueError(f"a {tuple(W.shape)} weight to prune contains NaN or Inf")
         weight, mask, info = self.prune(name, W, stats)
         base = DenseBase(weight.to(device=W.device, dtype=W.dtype).contiguous())

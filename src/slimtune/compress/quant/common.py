@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from slimtune.compress.config import StepConfig
 from slimtune.compress.layer_weight import dense_part, with_base
 from slimtune.layers import PackedQuantBase
+from slimtune.weights.precision import all_finite
 from slimtune.weights.quant import MAX_BITS, MIN_BITS, QuantSpec
 
 Quantise = Callable[[Tensor, object, QuantSpec, "Tensor | None"], tuple]
@@ -71,7 +72,7 @@ class QuantStep:
     @torch.no_grad()
     def apply(self, name: str, layer: nn.Module, stats) -> nn.Module:
         W, factored = dense_part(layer)
-        if not bool(torch.isfinite(W).all()):
+        if not all_finite(W):
             raise ValueError(f"a {tuple(W.shape)} weight to quantise contains NaN or Inf")
         keep = None if factored is None else factored.mask
         q, grid, info = self.quantise(W, stats, self.config.spec, keep)
