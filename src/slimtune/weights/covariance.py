@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from slimtune.weights.precision import all_finite
+
 SVDFactors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -29,7 +31,7 @@ def damped_inverse(C: torch.Tensor, damp: float = 0.01, tol: float = 0.05,
         raise ValueError(f"covariance must be float32 or float64, got {C.dtype}")
     if damp <= 0 or tol <= 0:
         raise ValueError(f"damp and tol must be > 0, got {damp}, {tol}")
-    if not bool(torch.isfinite(C).all()):
+    if not all_finite(C):
         raise ValueError("covariance contains NaN or Inf")
     eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
     level = torch.diag(C).mean()  # a contiguous copy: the same float32 sum as PEFT's

@@ -75,10 +75,10 @@ def inverse_cholesky(H: Tensor, damp: float = 0.01, max_tries: int = 6,
     H_d)), upper=True)``; here one Cholesky and one triangular inverse give the same factor
     (0.6–0.8 of the time): with ``J`` the reversal, ``J H_d J = L Lᵀ`` makes ``H_d = ŨŨᵀ`` for
     the upper ``Ũ = J L J``, so ``H_d⁻¹ = UᵀU`` with ``U = Ũ⁻¹ = J L⁻¹ J``, upper with positive
-    diagonal, hence the unique Cholesky factor. ``H`` is undamped (dead inputs are fixed here, idempotently); ``d`` starts at
-    ``damp`` and is multiplied by ``growth`` after every failed or non-finite factorisation, up
-    to ``max_tries`` attempts; ``used_damp`` is the ``d`` that worked. ValueError for a
-    non-finite ``H`` or when every attempt fails."""
+    diagonal, hence the unique Cholesky factor. ``H`` is undamped (dead inputs are fixed here,
+    idempotently); ``d`` starts at ``damp`` and is multiplied by ``growth`` after every failed or
+    non-finite factorisation, up to ``max_tries`` attempts; ``used_damp`` is the ``d`` that
+    worked. ValueError for a non-finite ``H`` or when every attempt fails."""
     if isinstance(max_tries, bool) or not isinstance(max_tries, int) or max_tries < 1:
         raise ValueError(f"max_tries must be a positive int, got {max_tries!r}")
     if not growth > 1:
@@ -88,13 +88,13 @@ def inverse_cholesky(H: Tensor, damp: float = 0.01, max_tries: int = 6,
         raise ValueError("the Hessian has NaN or infinite entries (corrupt calibration "
                          "statistics); its Cholesky factorisation is undefined")
     d = float(damp)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for attempt in range(max_tries):
         if attempt:
             d *= growth
         L, info = torch.linalg.cholesky_ex(add_damping(H, d).flip(0, 1))
         if int(info) != 0:  # a finite H factored without error has a finite L
             continue
-        eye = torch.eye(L.shape[0], dtype=L.dtype, device=L.device)
         U = torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
         if all_finite(U):
             return U, d

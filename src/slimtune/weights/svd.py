@@ -42,7 +42,7 @@ import warnings
 
 import torch
 
-from slimtune.weights.precision import compute_dtype
+from slimtune.weights.precision import all_finite, compute_dtype
 
 SVDFactors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -212,7 +212,7 @@ def whitening_factor(C: torch.Tensor, damp: float = 1e-2, max_tries: int = 6,
     if damp < 0 or growth <= 1 or max_tries < 0:
         raise ValueError("need damp >= 0, growth > 1, max_tries >= 0")
     C64 = C.detach().to(torch.float64)
-    if not bool(torch.isfinite(C64).all()):
+    if not all_finite(C64):
         raise ValueError("covariance contains NaN or Inf")
     C64 = (C64 + C64.mT) / 2
     n = C64.shape[0]
@@ -223,7 +223,7 @@ def whitening_factor(C: torch.Tensor, damp: float = 1e-2, max_tries: int = 6,
     lam = damp
     for attempt in range(max_tries + 1):
         L, info = torch.linalg.cholesky_ex(C64 + (lam * scale) * eye if lam > 0 else C64)
-        if int(info) == 0 and bool(torch.isfinite(L).all()):
+        if int(info) == 0 and all_finite(L):
             if attempt > 0:
                 warnings.warn(f"whitening_factor: Cholesky needed damping {lam:.3g} (asked {damp:.3g})",
                               RuntimeWarning, stacklevel=2)
