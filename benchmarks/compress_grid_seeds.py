@@ -5,6 +5,10 @@ Reads the row JSONs that ``bench_compress_grid.py`` wrote into one ``--out-dir``
 PTB / Austen perplexity per seed, their mean, the ratio ours / peer per seed and of the means,
 and the ratio of compression times per seed.
 Seeds are checked against each JSON's ``calib_seed`` (a directory mixing seeds is an error).
+``--peer-dirs`` (one per seed) supplies peer rows that an own directory lacks -- e.g. own rows run
+again with ``--sequential block`` beside the peer rows of the default run; llm-compressor's result
+does not depend on our options. A time ratio is only printed for a pair run in one invocation
+(same directory); a borrowed pair shows "-".
 
     python benchmarks/compress_grid_seeds.py benchmarks/results/compress_grid \\
         benchmarks/results/compress_grid_seed1 benchmarks/results/compress_grid_seed2
@@ -39,10 +43,13 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("dirs", nargs="+", type=Path)
+    ap.add_argument("--peer-dirs", nargs="+", type=Path, default=[],
+                    help="directories to borrow missing peer rows from (one per seed)")
     args = ap.parse_args(argv)
     by_seed = dict(load_dir(d) for d in args.dirs)
     if len(by_seed) != len(args.dirs):
         raise SystemExit("two directories hold the same calibration seed")
+    borrowed = dict(load_dir(d) for d in args.peer_dirs)
     seeds = sorted(by_seed)
     peer_of = {r["name"]: r["peer"] for r in grid() if r["kind"] == "ours" and r["peer"]}
     names = sorted({n for rows in by_seed.values() for n in rows if n in peer_of})
@@ -51,14 +58,26 @@ def main(argv: list[str] | None = None) -> None:
           "ours mean | peer mean | ratio of means | time ratio per seed |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name in names:
-        pairs = [(rows[name], rows.get(peer_of[name])) for rows in
-                 (by_seed[s] for s in seeds) if name in rows]
-        pairs = [(o, p) for o, p in pairs if p is not None]
+        pairs, times = [], []
+        for s in seeds:
+            rows = by_seed[s]
+            if name not in rows:
+                continue
+            peer = rows.get(peer_of[name])
+            own_run = peer is not None
+            if peer is None:
+                peer = borrowed.get(s, {}).get(peer_of[name])
+            if peer is None:
+                continue
+            pairs.append((rows[name], peer))
+            times.append(f"{rows[name]['compress_seconds'] / peer['compress_seconds']:.3f}"
+                         if own_run else "-")
         if len(pairs) < len(seeds):
             print(f"(skipped {name}: present with its peer for {len(pairs)} of {len(seeds)} "
                   "seeds)", file=sys.stderr)
             continue
-        times = [f"{o['compress_seconds'] / p['compress_seconds']:.3f}" for o, p in pairs]
+        print(f"({name}: sequential {', '.join(sorted({o.get('sequential', 'layer') for o, _ in pairs}))}"
+              ")", file=sys.stderr)
         for data in ("ptb", "austen"):
             ours = [o[f"ppl_{data}"] for o, _ in pairs]
             peer = [p[f"ppl_{data}"] for _, p in pairs]

@@ -101,13 +101,16 @@ def check_model_name(name_or_path: str | os.PathLike) -> None:
     if name in MODEL_NAMES:
         return
     path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
         return
     if path.exists():
         raise ModelNotFoundError(f"{path} is not a directory: a model is a registered name "
-                                 f"({', '.join(MODEL_NAMES)}) or a Hugging Face model directory")
+                                 f"({', '.join(MODEL_NAMES)}), a Hugging Face model directory "
+                                 "or a .gguf file")
     if looks_like_path(name):
         raise ModelNotFoundError(f"no such directory: {path}")
     raise ModelNotFoundError(
@@ -131,25 +134,32 @@ def load_model(name_or_path: str | os.PathLike, dtype: torch.dtype = torch.float
 
     Causal LMs load as ``AutoModelForCausalLM``; encoders (MiniLM) as ``AutoModel``. Directories
     written by :func:`slimtune.io.checkpoint.save_model` (which carry ``slimtune.json``) are rebuilt
-    with their factored layers. A corrupt weight file raises ``ModelNotFoundError`` naming the file and the fix.
+    with their factored layers; compressed-tensors checkpoints (``slimtune export``, llm-compressor)
+    with their quantised layers packed (:mod:`slimtune.io.compressed_tensors`); a ``.gguf`` file
+    loads through transformers' GGUF reader (dequantised). A corrupt weight file raises ``ModelNotFoundError`` naming the file and the fix.
     """
     from safetensors import SafetensorError
 
     from slimtune.io.checkpoint import is_factored_checkpoint, load_factored
+    from slimtune.io.compressed_tensors import is_compressed_tensors, load_compressed_tensors
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # slimtune's own progress and notes say what happens
     path = resolve_model_dir(name_or_path)
+    gguf = {"gguf_file": path.name} if path.is_file() else {}
+    where = path.parent if gguf else path
     try:
-        config = AutoConfig.from_pretrained(path)
-        cls = AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+        config = AutoConfig.from_pretrained(where, **gguf)
+        cls = AutoModelForCausalLM if gguf or is_causal_lm(config) else AutoModel
         if is_factored_checkpoint(path):
             model = load_factored(path, cls, dtype=dtype)
+        elif is_compressed_tensors(path):
+            model = load_compressed_tensors(path, cls, dtype=dtype)
         else:
-            model = cls.from_pretrained(path, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+            model = cls.from_pretrained(where, dtype=dtype, **gguf)
+        tokenizer = AutoTokenizer.from_pretrained(where, **gguf)
     except (OSError, ValueError, RuntimeError, json.JSONDecodeError, SafetensorError) as err:
         hint = ("delete it and rerun to convert again" if str(path).startswith(str(cache_root()))
                 else "check the directory or re-create it")
@@ -167,7 +177,9 @@ def model_skeleton(name_or_path: str | os.PathLike) -> nn.Module:
     name = str(name_or_path)
     path = resolve_model_dir(name) if name != "smollm2-135m" else cache_root() / "models" / name
     try:
-        if (path / "config.json").is_file():
+        if path.is_file():  # a .gguf file
+            config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        elif (path / "config.json").is_file():
             config = AutoConfig.from_pretrained(path)
         else:
             gguf = smollm2_gguf_path()
@@ -186,7 +198,10 @@ def model_architectures(name_or_path: str | os.PathLike) -> list[str]:
     name = str(name_or_path)
     if name in REGISTERED_ARCHITECTURES:
         return list(REGISTERED_ARCHITECTURES[name])
-    config = json.loads((Path(name).expanduser() / "config.json").read_text())
+    path = Path(name).expanduser()
+    if path.is_file():  # a .gguf file: llama.cpp's models are causal LMs
+        return ["LlamaForCausalLM"]
+    config = json.loads((path / "config.json").read_text())
     return list(config.get("architectures") or [])
 
 

@@ -51,9 +51,9 @@ class PackedQuantBase(nn.Module):
     kind = "packed_int"
 
     def __init__(self, packed: Tensor, scale: Tensor, zero: Tensor, in_features: int, bits: int,
-                 group_size: int | None, sym: bool):
+                 group_size: int | None, sym: bool, fp16_scales: bool = False):
         super().__init__()
-        self.spec = QuantSpec(bits, group_size, sym)
+        self.spec = QuantSpec(bits, group_size, sym, fp16_scales)
         self.in_features = in_features
         self.spec.group_width(in_features)  # validates the group size
         self.register_buffer("packed", packed)
@@ -66,21 +66,22 @@ class PackedQuantBase(nn.Module):
         """Pack signed integers ``q [out, in]`` on ``grid`` (as :func:`quantize` returns them)."""
         packed = pack((q - grid.spec.q_min).to(torch.int32), grid.spec.bits)
         return cls(packed, grid.scale.clone(), grid.zero.to(torch.int8).clone(), q.shape[1],
-                   grid.spec.bits, grid.spec.group_size, grid.spec.sym)
+                   grid.spec.bits, grid.spec.group_size, grid.spec.sym, grid.spec.fp16_scales)
 
     @classmethod
     def empty(cls, n_out: int, n_in: int, bits: int, group_size: int | None, sym: bool,
-              dtype=torch.float32, device=None) -> "PackedQuantBase":
-        spec = QuantSpec(bits, group_size, sym)
+              fp16_scales: bool = False, dtype=torch.float32, device=None) -> "PackedQuantBase":
+        spec = QuantSpec(bits, group_size, sym, fp16_scales)
         groups = n_in // spec.group_width(n_in)
         return cls(torch.zeros(n_out, packed_bytes(1, n_in, bits), dtype=torch.uint8,
                                device=device),
                    torch.ones(n_out, groups, dtype=dtype, device=device),
                    torch.zeros(n_out, groups, dtype=torch.int8, device=device), n_in, bits,
-                   group_size, sym)
+                   group_size, sym, fp16_scales)
 
     def config(self) -> dict:
-        return {"bits": self.spec.bits, "group_size": self.spec.group_size, "sym": self.spec.sym}
+        config = {"bits": self.spec.bits, "group_size": self.spec.group_size, "sym": self.spec.sym}
+        return {**config, "fp16_scales": True} if self.spec.fp16_scales else config
 
     def integers(self) -> Tensor:
         """The signed integers ``[out, in]`` (int32)."""

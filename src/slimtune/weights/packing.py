@@ -21,6 +21,10 @@ stream ``111 000 100`` -> bytes ``[0b01000111, 0b00000000]``).
 The values are unsigned: signed quantisation integers ``q`` in ``[q_min, q_max]`` of a
 :class:`~slimtune.weights.quant.QuantSpec` are stored as ``q - q_min`` (:func:`to_unsigned`)
 and recovered with :func:`to_signed`.
+
+:func:`pack_int32` / :func:`unpack_int32` hold the same row bit streams in little-endian int32
+words (``[rows, ceil(n * bits / 32)]``, a value may straddle two words): compressed-tensors'
+``pack-quantized`` layout from its release 0.18 on.
 """
 from __future__ import annotations
 
@@ -137,3 +141,26 @@ def to_unsigned(q: Tensor, spec: QuantSpec) -> Tensor:
 def to_signed(u: Tensor, spec: QuantSpec) -> Tensor:
     """The inverse of :func:`to_unsigned`: ``int32`` in ``[q_min, q_max]``."""
     return u.to(torch.int32) + spec.q_min
+
+
+def pack_int32(u: Tensor, bits: int) -> Tensor:
+    """Unsigned ``bits``-bit values ``u [rows, n]`` -> int32 ``[rows, ceil(n·bits/32)]``: each row
+    the LSB-first bit stream of its values in little-endian 32-bit words."""
+    rows, n = u.shape
+    words = -(-n * bits // 32)
+    data = torch.zeros(rows, 4 * words, dtype=torch.uint8, device=u.device)
+    packed = pack(u.to(torch.int32), bits)
+    data[:, :packed.shape[1]] = packed
+    b = data.view(rows, words, 4).to(torch.int64)
+    word = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)
+    return torch.where(word >= 2 ** 31, word - 2 ** 32, word).to(torch.int32)
+
+
+def unpack_int32(words: Tensor, bits: int, n: int) -> Tensor:
+    """The inverse of :func:`pack_int32`: int32 words -> int32 ``[rows, n]`` unsigned values."""
+    rows = words.shape[0]
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(0, 32, 8, device=words.device, dtype=torch.int64)
+    data = ((w.unsqueeze(-1) >> shifts) & 0xFF).reshape(rows, -1)
+    need = -(-n * bits // 8)
+    return unpack(data[:, :need].to(torch.uint8).contiguous(), bits, n)

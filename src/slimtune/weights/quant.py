@@ -29,11 +29,14 @@ MIN_BITS, MAX_BITS = 2, 8
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """``bits`` in 2..8, ``group_size`` (None = per output channel) and ``sym``."""
+    """``bits`` in 2..8, ``group_size`` (None = per output channel), ``sym``, and
+    ``fp16_scales``: every scale rounded to a float16 value (GGUF's blocks store fp16 scales, so
+    such a grid reaches llama.cpp bit-exactly)."""
 
     bits: int
     group_size: int | None = None
     sym: bool = True
+    fp16_scales: bool = False
 
     def __post_init__(self):
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not (
@@ -87,15 +90,26 @@ def fit_grid(W: Tensor, spec: QuantSpec) -> Grid:
     hi = groups.amax(dim=2).clamp_min(0)
     span = spec.q_max - spec.q_min
     if spec.sym:
-        scale = torch.maximum(lo.abs(), hi) / (span / 2)
+        scale = _rounded(torch.maximum(lo.abs(), hi) / (span / 2), spec)
         zero = torch.zeros_like(scale, dtype=torch.int32)
     else:
-        scale = (hi - lo) / span
+        scale = _rounded((hi - lo) / span, spec)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = (spec.q_min - torch.round(lo / safe)).clamp(spec.q_min, spec.q_max)
         zero = zero.to(torch.int32)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return Grid(spec, scale, zero)
+
+
+def _rounded(scale: Tensor, spec: QuantSpec) -> Tensor:
+    """``scale`` itself, or (``fp16_scales``) its nearest float16 values, tiny positive ones
+    kept at float16's smallest subnormal rather than flushed to 0."""
+    if not spec.fp16_scales:
+        return scale
+    if bool((scale > torch.finfo(torch.float16).max).any()):
+        raise ValueError("fp16_scales: a scale exceeds float16's range (weights above ~5e5)")
+    tiny = torch.where(scale > 0, scale.clamp_min(2.0 ** -24), scale)
+    return tiny.to(torch.float16).to(scale.dtype)
 
 
 def quantize_values(w: Tensor, scale: Tensor, zero: Tensor, spec: QuantSpec) -> Tensor:

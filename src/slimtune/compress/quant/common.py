@@ -34,6 +34,9 @@ class QuantConfig(StepConfig):
                                    "scale (and zero); null = one per output channel. Must "
                                    "divide every targeted layer's input width")
     sym: bool = Field(True, description="symmetric grid (zero point 0) or asymmetric")
+    fp16_scales: bool = Field(False, description="round every scale to float16 while "
+                              "quantising, so GGUF's fp16-scaled blocks carry the result "
+                              "bit-exactly (slimtune export --format gguf)")
 
     @field_validator("bits")
     @classmethod
@@ -51,7 +54,7 @@ class QuantConfig(StepConfig):
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(self.bits, self.group_size, self.sym)
+        return QuantSpec(self.bits, self.group_size, self.sym, self.fp16_scales)
 
 
 def check_layer(config: QuantConfig, name: str, layer: nn.Module) -> None:

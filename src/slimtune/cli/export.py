@@ -1,0 +1,116 @@
+"""``slimtune export``: a compressed (or any) model as a checkpoint other tools load --
+compressed-tensors for transformers / vLLM, GGUF for llama.cpp, or a plain dense Hugging Face
+directory. Argument checking and printing only; the writers are in :mod:`slimtune.export`."""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import typer
+
+from slimtune.cli.app import MODEL_HELP, check_model, check_output, command, fail, load_or_fail, \
+    stdout
+
+FORMATS = ("compressed-tensors", "gguf", "hf")
+
+EXPORT_HELP = (
+    "Export a model (typically one `slimtune compress` wrote) for other tools.\n\n"
+    "--format compressed-tensors: OUT is a directory in compressed-tensors' pack-quantized "
+    "format; transformers loads it with AutoModelForCausalLM.from_pretrained(OUT) (asymmetric "
+    "grids: pass quantization_config=CompressedTensorsConfig(dequantize=True)). Low-rank parts "
+    "beside quantised weights (eora, lowrank_first) go to the PEFT adapter OUT/adapter; pruned "
+    "weights are zeros inside the tensors.\n\n"
+    "--format gguf: OUT is the .gguf file (llama architecture). --gguf-type auto keeps every "
+    "quantised layer's integers exactly (Q4_0 / Q4_1 / Q8_0, scales rounded to fp16: quantise with "
+    "fp16_scales: true for a bit-exact file) and writes other layers in F16; q4_0 / q4_1 / q8_0 "
+    "force one type (layers it cannot carry exactly are an error unless --requantize); f16 / f32 "
+    "fold everything (low-rank and sparse parts included) into dense weights.\n\n"
+    "--format hf: a dense Hugging Face directory with every part folded in.\n\n"
+    "Everything is checked before any work; the output is written atomically.")
+
+
+@command("export", help=EXPORT_HELP)
+def export_command(
+    model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
+    fmt: str = typer.Option(..., "--format", "-f", help="compressed-tensors, gguf or hf."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output directory (compressed-tensors, hf) "
+                                                      "or .gguf file (gguf); must not exist "
+                                                      "unless --overwrite."),
+    gguf_type: str = typer.Option("auto", "--gguf-type", help="auto, q4_0, q4_1, q8_0, f16 or "
+                                                              "f32 (gguf only)."),
+    embedding_type: str = typer.Option("q8_0", "--embedding-type",
+                                       help="Token embedding (and untied output head) type: f32, "
+                                            "f16, q8_0 or q4_0 (gguf only)."),
+    requantize: bool = typer.Option(False, "--requantize", help="gguf: re-quantise by "
+                                    "round-to-nearest the layers the type cannot carry exactly "
+                                    "(folding their low-rank parts in) instead of failing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (only one "
+                                   "slimtune wrote)."),
+) -> None:
+    """Validate, load, write with the format's writer, print what was written."""
+    from slimtune.export.gguf import check_gguf_args, check_llama
+
+    if fmt not in FORMATS:
+        fail(f"--format: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fmt != "gguf" and (gguf_type != "auto" or embedding_type != "q8_0" or requantize):
+        fail("--gguf-type, --embedding-type and --requantize apply to --format gguf only")
+    check_model(model)
+    if fmt == "gguf":
+        try:
+            check_gguf_args(gguf_type, embedding_type)
+        except ValueError as err:
+            fail(f"--gguf-type/--embedding-type: {err}")
+        if out.suffix != ".gguf":
+            fail(f"--out: a GGUF export is one file named *.gguf, got {out}")
+        if out.exists() and not overwrite:
+            fail(f"--out: {out} already exists (pass --overwrite to replace it)")
+        if out.is_dir():
+            fail(f"--out: {out} is a directory")
+        _check_llama_config(model, check_llama)
+    else:
+        check_output(out, overwrite=overwrite)
+
+    lm, tokenizer = load_or_fail(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _write(fmt, lm, tokenizer, model, out, gguf_type, embedding_type, requantize,
+                        overwrite)
+    for w in caught:
+        stdout.print(f"warning: {w.message}", markup=False, highlight=False)
+    stdout.print(f"exported {model} as {fmt} -> {out} ({result['bytes'] / 1e6:.1f} MB)",
+                 markup=False, highlight=False)
+    print(json.dumps(result))  # one line a script can parse
+
+
+def _check_llama_config(model: str, check_llama) -> None:
+    from slimtune.models import model_skeleton
+
+    try:
+        check_llama(model_skeleton(model).config)
+    except ValueError as err:
+        fail(f"--format gguf: {err}")
+
+
+def _write(fmt, lm, tokenizer, model, out, gguf_type, embedding_type, requantize, overwrite):
+    try:
+        if fmt == "compressed-tensors":
+            from slimtune.export.compressed_tensors import write_compressed_tensors
+
+            return write_compressed_tensors(lm, tokenizer, out, overwrite=overwrite)
+        if fmt == "gguf":
+            import tempfile
+
+            from slimtune.export.gguf import write_gguf
+
+            with tempfile.TemporaryDirectory() as tok_dir:
+                tokenizer.save_pretrained(tok_dir)
+                return write_gguf(lm, tok_dir, out, gguf_type, embedding_type, requantize,
+                                  overwrite)
+        from slimtune.io.checkpoint import save_model
+
+        save_model(lm, tokenizer, out, merge=True, overwrite=overwrite)
+        return {"path": str(out), "bytes": sum(f.stat().st_size for f in out.rglob("*")
+                                               if f.is_file())}
+    except (ValueError, FileExistsError) as err:
+        fail(str(err))
