@@ -67,7 +67,12 @@ def export_command(
             fail(f"--out: {out} already exists (pass --overwrite to replace it)")
         if out.is_dir():
             fail(f"--out: {out} is a directory")
-        _check_llama_config(model, check_llama)
+        from slimtune.models import model_skeleton
+
+        try:
+            check_llama(model_skeleton(model).config)
+        except ValueError as err:
+            fail(f"--format gguf: {err}")
     else:
         check_output(out, overwrite=overwrite)
 
@@ -81,15 +86,6 @@ def export_command(
     stdout.print(f"exported {model} as {fmt} -> {out} ({result['bytes'] / 1e6:.1f} MB)",
                  markup=False, highlight=False)
     print(json.dumps(result))  # one line a script can parse
-
-
-def _check_llama_config(model: str, check_llama) -> None:
-    from slimtune.models import model_skeleton
-
-    try:
-        check_llama(model_skeleton(model).config)
-    except ValueError as err:
-        fail(f"--format gguf: {err}")
 
 
 def _write(fmt, lm, tokenizer, model, out, gguf_type, embedding_type, requantize, overwrite):

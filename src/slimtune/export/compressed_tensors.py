@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from slimtune.export.deploy_layers import DeployLayer, QuantWeight, deploy_layers
 from slimtune.export.peft import PEFT_CONFIG, PEFT_WEIGHTS, peft_config, peft_state
 from slimtune.io.atomic import atomic_dir
+from slimtune.io.checkpoint import tied_parameter_names
 from slimtune.io.compressed_tensors import ADAPTER_DIR
 from slimtune.weights.packing import pack_int32
 
@@ -89,14 +90,6 @@ def _plain_state(model: nn.Module, factored: set[str], tied: set[str]) -> dict[s
             if not k.startswith(prefixes) and k not in tied}
 
 
-def _tied_head(model: nn.Module) -> tuple[str | None, set[str]]:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or not getattr(model.config, "tie_word_embeddings", False):
-        return None, set()
-    name = next(n for n, m in model.named_modules() if m is head)
-    return name, {f"{name}.weight"}
-
-
 @torch.no_grad()
 def write_compressed_tensors(model: nn.Module, tokenizer, out: str | os.PathLike,
                              overwrite: bool = False) -> dict:
@@ -105,10 +98,10 @@ def write_compressed_tensors(model: nn.Module, tokenizer, out: str | os.PathLike
 
     out = Path(out)
     layers = deploy_layers(model, FORMAT_NAME)
-    head, tied = _tied_head(model)
+    tied = tied_parameter_names(model)  # not saved; lm_head (an nn.Linear) is in ignore
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     dense = [n for n, d in layers.items() if d.quant is None] + linears
-    qconfig = quantization_config(layers, sorted(set(dense + ([head] if head else []))))
+    qconfig = quantization_config(layers, sorted(set(dense)))
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     state = _plain_state(model, set(layers), tied)
     for name, d in layers.items():

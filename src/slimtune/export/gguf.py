@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -135,8 +136,6 @@ def _weight_tensor(d: DeployLayer, how: str) -> tuple[np.ndarray, object]:
 
 
 def _permuted(d: DeployLayer, heads: int) -> DeployLayer:
-    from dataclasses import replace
-
     q = d.quant
     if q is not None:
         q = replace(q, q=permute_rows(q.q, heads), scale=permute_rows(q.scale, heads),

@@ -73,7 +73,7 @@ def load_factored(path: str | os.PathLike, model_cls, dtype: torch.dtype = torch
     for file in sorted(path.glob("*.safetensors")):
         state.update(load_file(file))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = _tied_parameter_names(model)
+    tied = tied_parameter_names(model)
     missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match slimtune.json (missing {missing[:5]}, "
@@ -82,7 +82,8 @@ def load_factored(path: str | os.PathLike, model_cls, dtype: torch.dtype = torch
     return model.eval()
 
 
-def _tied_parameter_names(model: nn.Module) -> set[str]:
+def tied_parameter_names(model: nn.Module) -> set[str]:
+    """The output head's weight name(s) when it is tied to the input embedding (not saved)."""
     if not getattr(model.config, "tie_word_embeddings", False):
         return set()
     head = model.get_output_embeddings()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from slimtune.io.checkpoint import tied_parameter_names
 from slimtune.layers import FactoredLinear, LowRank, PackedQuantBase
 from slimtune.targets import set_module
 from slimtune.weights.packing import pack, unpack_int32
@@ -103,9 +104,7 @@ def load_compressed_tensors(path: str | os.PathLike, model_cls, dtype: torch.dty
         except KeyError as err:
             raise ValueError(f"{path}: {name} is quantised but {err} is missing") from err
     missing, unexpected = model.load_state_dict(state, strict=False)
-    head = model.get_output_embeddings()
-    tied = {f"{n}.weight" for n, m in model.named_modules() if m is head} if getattr(
-        config, "tie_word_embeddings", False) else set()
+    tied = tied_parameter_names(model)
     missing = [k for k in missing if k not in tied and not any(
         k.startswith(f"{n}.") for n in schemes)]
     if missing or unexpected:
