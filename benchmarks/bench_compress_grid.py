@@ -169,8 +169,11 @@ def run_ours(row: dict, args) -> dict:
         check_targets(model, configs)
     steps = build_steps(configs)
     start = time.perf_counter()
+    order = None if args.sequential == "auto" else args.sequential
     report = run_pipeline(model, windows, steps, batch_size=BATCH_SIZE, progress=False,
-                          sequential=args.sequential) if steps else None
+                          sequential=order) if steps else None
+    if report:
+        res["sequential"] = report["sequential"]
     res["compress_seconds"] = time.perf_counter() - start
     res["compress_peak_rss_mb"] = peak_rss_mb()
     names = (sorted({x for e in report["steps"] for x in e["layers"]}) if report
@@ -310,8 +313,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--out-dir", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--sequential", choices=("layer", "block"), default="layer",
-                    help="run_pipeline's order (own rows; use another --out-dir for 'block')")
+    ap.add_argument("--sequential", choices=("auto", "layer", "block"), default="auto",
+                    help="run_pipeline's order (own rows; auto: the steps' choice, recorded per "
+                    "row; use another --out-dir for a forced order)")
     ap.add_argument("--calib-seed", type=int, default=0,
                     help="seed of the calibration windows (use one --out-dir per seed)")
     ap.add_argument("--skip-peer", action="store_true", help="leave out the llm-compressor rows")

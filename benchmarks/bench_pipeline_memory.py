@@ -24,11 +24,12 @@ Two ratios are printed: peak / expected, and (peak - overhead) / expected, where
 right before the pipeline - model size: the interpreter, torch/transformers/tokenizers code and
 heap that exist before the pipeline starts (~0.4 GB here, ~80% of the 135M-parameter model itself,
 so the plain ratio cannot come near 1 at this size). glibc keeps part of the freed per-batch
-memory unless trimmed: ``run_pipeline``'s default ``heap="trim"`` calls ``malloc_trim(0)`` after
-every block (``--heap default`` shows glibc's behaviour).
+memory unless trimmed: ``--heap trim`` calls ``malloc_trim(0)`` after every block, ``run_pipeline``'s
+default ``heap="keep"`` keeps freed memory for reuse during the walk and trims once at the end
+(``--heap default`` shows glibc's behaviour).
 
     .venv/bin/python benchmarks/bench_pipeline_memory.py [--n 32] [--seqlen 512] [--batch-size 2]
-        [--no-limit-heap]
+        [--heap keep|trim|default] [--stats-dtype float64|float32] [--threads N]
 """
 from __future__ import annotations
 
@@ -92,9 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=32, help="calibration windows (default 32)")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--heap", choices=["trim", "default"], default="trim",
-                    help="run_pipeline(heap=...): malloc_trim after every block (default) or "
-                         "glibc's default behaviour")
+    ap.add_argument("--heap", choices=["trim", "keep", "default"], default="keep",
+                    help="run_pipeline(heap=...): malloc_trim after every block, freed memory "
+                         "kept for reuse (mallopt; the default), or glibc's default behaviour")
+    ap.add_argument("--stats-dtype", choices=["float64", "float32"], default="float64",
+                    help="dtype of the Gram accumulation (float32: as the GPTQ/SparseGPT steps)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = ap.parse_args(argv)
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     expected = model_mb + acts_mb + gram_mb
     print(f"model {args.model}: {len(blocks)} blocks at '{prefix}', hidden {hidden}; calibration "
           f"{args.n} × {args.seqlen} PTB train windows (seed {args.seed}), batch size "
-          f"{args.batch_size}, heap {args.heap}")
+          f"{args.batch_size}, heap {args.heap}, statistics in {args.stats_dtype}")
 
     gc.collect()
     try:
@@ -130,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     rss_before = _status_mb("VmRSS")
     can_reset = _reset_peak()
     step = GramOnly()
+    step.stats_dtype = getattr(torch, args.stats_dtype)
     start = time.perf_counter()
     report = run_pipeline(model, windows, [step], batch_size=args.batch_size, progress=False,
                           heap=args.heap)

@@ -12,6 +12,7 @@ from slimtune.layers import FactoredLinear, LowRank
 from slimtune.targets import replace_linears
 from slimtune.calib import (LayerStats, UnsupportedArchitectureError, calibration_windows,
                                find_blocks, fisher_diagonals, run_pipeline)
+from slimtune.calib.blocks import keep_heap, trim_heap
 from slimtune.weights.stats import InputStatistics
 
 
@@ -200,6 +201,30 @@ def test_block_outputs_are_recomputed_after_compression(smollm2, lm_windows):
         assert rel(step.seen[name]["gram"], uncompressed[name].gram()) > 1e-4
 
 
+def test_block_order_statistics_pass_stops_after_the_last_hooked_input(smollm2, lm_windows):
+    """In "block" order a statistics pass needs no block output: each batch stops once every
+    hooked layer has had its input, so the layers after it run in the outputs pass only."""
+    model = copy.deepcopy(smollm2[0])
+    ran = {"q_proj": 0, "o_proj": 0, "down_proj": 0}
+    for kind, path in (("q_proj", "self_attn.q_proj"), ("o_proj", "self_attn.o_proj"),
+                       ("down_proj", "mlp.down_proj")):  # forward hooks: the layer really ran
+        model.get_submodule("model.layers.0." + path).register_forward_hook(
+            lambda m, a, out, kind=kind: ran.__setitem__(kind, ran[kind] + 1))
+    batches = -(-len(lm_windows) // 2)
+    down = "model.layers.0.mlp.down_proj"
+    ref = reference_stats(copy.deepcopy(smollm2[0]), lm_windows, [down], batch_size=2)
+    # blocks 0 and 1 targeted: block 0 runs a statistics pass and an outputs pass
+    step = Identity(r"model\.layers\.[01]\..*_proj", needs=("gram",))
+    run_pipeline(model, lm_windows, [step], batch_size=2, progress=False, sequential="block")
+    assert ran == {"q_proj": 2 * batches, "o_proj": 2 * batches, "down_proj": batches}
+    assert rel(step.seen[down]["gram"], ref[down].gram()) < 1e-6
+    ran.update(dict.fromkeys(ran, 0))
+    step = Identity(r"model\.layers\.[01]\.self_attn\.[qo]_proj", needs=("gram",))
+    run_pipeline(model, lm_windows, [step], batch_size=2, progress=False, sequential="block")
+    assert ran == {"q_proj": 2 * batches, "o_proj": batches, "down_proj": batches}
+    assert step.seen["model.layers.0.self_attn.o_proj"]["n_tokens"] == lm_windows.numel()
+
+
 def test_identity_pipeline_keeps_minilm_outputs(minilm, bert_windows):
     model = copy.deepcopy(minilm[0])
     with torch.no_grad():
@@ -246,18 +271,23 @@ def test_fisher_diagonals(smollm2, minilm, lm_windows):
         run_pipeline(minilm[0], windows, [Identity(needs=("fisher",))], progress=False)
 
 
-def test_heap_is_trimmed_after_every_block(smollm2, lm_windows, monkeypatch):
+def test_heap_is_kept_during_the_walk_or_trimmed_after_every_block(smollm2, lm_windows,
+                                                                    monkeypatch):
     import slimtune.calib.pipeline as pipeline
 
-    calls = []
-    monkeypatch.setattr(pipeline, "trim_heap", lambda: calls.append(1) or True)
+    trims, keeps = [], []
+    monkeypatch.setattr(pipeline, "trim_heap", lambda: trims.append(1) or True)
+    monkeypatch.setattr(pipeline, "keep_heap", lambda: keeps.append(1) or True)
     model = copy.deepcopy(smollm2[0])
-    run_pipeline(model, lm_windows[:2], [Identity()], progress=False)
-    assert len(calls) == 30
+    run_pipeline(model, lm_windows[:2], [Identity()], progress=False)  # default: "keep"
+    assert (len(keeps), len(trims)) == (1, 1)  # kept for the walk, handed back once at the end
+    run_pipeline(model, lm_windows[:2], [Identity()], progress=False, heap="trim")
+    assert (len(keeps), len(trims)) == (1, 31)
     run_pipeline(model, lm_windows[:2], [Identity()], progress=False, heap="default")
-    assert len(calls) == 30
+    assert (len(keeps), len(trims)) == (1, 31)
     with pytest.raises(ValueError, match="heap must be"):
         run_pipeline(model, lm_windows[:2], [Identity()], progress=False, heap="mmap")
+    assert keep_heap() and trim_heap()  # glibc takes both (Linux)
 
 
 def test_bad_steps_raise_before_work(smollm2):

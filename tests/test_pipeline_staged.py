@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from slimtune.calib import LayerStats, calibration_windows, run_pipeline
+from slimtune.calib import LayerStats, calibration_windows, choose_sequential, run_pipeline
+from slimtune.compress import build_steps, load_recipe
 from slimtune.calib.staged import _Gate
 from slimtune.targets import replace_linears
 from test_pipeline import Identity, perturbed, reference_stats, rel
@@ -134,3 +135,29 @@ def test_blocks_after_the_last_one_needing_inputs_run_no_forward(smollm2, window
     assert report["steps"][1]["layers"][-1] == "model.layers.29.mlp.down_proj"
     for h in handles:
         h.remove()
+
+
+def test_the_default_order_is_block_when_a_step_reading_inputs_asks_for_it(smollm2, windows):
+    block_step = Identity(r"model\.layers\.0\..*_proj", needs=("gram",))
+    block_step.sequential = "block"
+    data_free = Identity(needs=())
+    data_free.sequential = "block"  # reads no statistics: its wish does not matter
+    assert choose_sequential([Identity()]) == "layer"
+    assert choose_sequential([data_free, Identity()]) == "layer"
+    assert choose_sequential([Identity(), block_step]) == "block"
+    bad = Identity()
+    bad.sequential = "token"
+    with pytest.raises(ValueError, match="sequential must be one of"):
+        choose_sequential([bad])
+    report = run_pipeline(copy.deepcopy(smollm2[0]), windows, [block_step], batch_size=2,
+                          progress=False)
+    assert report["sequential"] == "block"
+    report = run_pipeline(copy.deepcopy(smollm2[0]), windows, [block_step], batch_size=2,
+                          progress=False, sequential="layer")  # an explicit order wins
+    assert report["sequential"] == "layer"
+    # the registered steps: SparseGPT asks for the block order (BENCHMARKS.md), the rest do not
+    steps = build_steps(load_recipe(
+        [{"method": m, "targets": "all-linear", "sparsity": 0.5} for m in ("sparsegpt", "wanda")]
+        + [{"method": "gptq", "targets": "all-linear", "bits": 4}]))
+    assert [getattr(s, "sequential", "layer") for s in steps] == ["block", "layer", "layer"]
+    assert choose_sequential(steps[1:]) == "layer" and choose_sequential(steps) == "block"

@@ -34,6 +34,26 @@ def trim_heap() -> bool:
         return False
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+KEEP_MMAP_THRESHOLD = 32 << 20  # glibc's largest: allocations up to 32 MiB come from the heap
+
+
+def keep_heap() -> bool:
+    """Make glibc keep freed memory for reuse (process-wide; Linux only, else False).
+
+    ``mallopt``: allocations up to 32 MiB come from the heap instead of fresh ``mmap`` s, and the
+    heap's free top is never handed back on its own. The pages of a block's activations are then
+    faulted in once and reused by every later block, where glibc's default gives them back and
+    faults them in again (a cost that varies with what else the machine does); the price is that
+    the process keeps its high-water mark (:func:`trim_heap` gives the free pages back)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, KEEP_MMAP_THRESHOLD)
+                    and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    except (OSError, AttributeError):
+        return False
+
+
 class UnsupportedArchitectureError(ValueError):
     """The model has no block list the pipeline can walk."""
 
@@ -138,8 +158,11 @@ def update_statistics(stats: dict, seen: SameInput, name: str, kinds: frozenset,
     seen.remember(x, stats[name])
 
 
-def _hook(stats, seen, name, kinds, dtype, module, args) -> None:
+def _hook(stats, seen, name, kinds, dtype, reached, stop, module, args) -> None:
     update_statistics(stats, seen, name, kinds, dtype, args[0])
+    reached.add(name)
+    if stop and len(reached) == stop:
+        raise _Stop  # every hooked input of this batch is in: the rest of the block is not needed
 
 
 class BlockRunner:
@@ -180,18 +203,25 @@ class BlockRunner:
         outputs to ``outs``.
 
         Every statistics object of this run tracks what any hooked layer needs (shared statistics
-        must serve every sharer); they accumulate in ``stats_dtype``.
+        must serve every sharer); they accumulate in ``stats_dtype``. Without ``keep`` a batch's
+        forward stops as soon as every hooked layer has had its input (e.g. before a Llama
+        block's down projection and residual add).
         """
-        stats, seen, handles = {}, SameInput(), []
+        stats, seen, reached, handles = {}, SameInput(), set(), []
         kinds = frozenset().union(*(hooks or {}).values())
+        stop = 0 if keep else len(hooks or {})
         for name in hooks or {}:
-            hook = partial(_hook, stats, seen, name, kinds, stats_dtype)
+            hook = partial(_hook, stats, seen, name, kinds, stats_dtype, reached, stop)
             handles.append(self.model.get_submodule(name).register_forward_pre_hook(hook))
         self.bar.reset(self.task, total=len(self.inps), description=f"block {i}: {what}")
         try:
             for s in range(0, len(self.inps), self.bs):
                 seen.clear()
-                self.forward(i, s, keep)
+                reached.clear()
+                try:
+                    self.forward(i, s, keep)
+                except _Stop:
+                    pass
                 self.bar.advance(self.task, min(self.bs, len(self.inps) - s))
         finally:
             for handle in handles:

@@ -20,9 +20,11 @@ for) the errors made before it, and only one block's activations are ever in mem
    the earlier one's result and the same input statistics). The original weight is copied first
    when a step needs ``"original"``. The block's outputs are then the compressed block's.
    With ``sequential="block"``: for each step in order, forward pre-hooks accumulate the
-   statistics of all the block's targets while the block runs, then every target gets that
-   step's apply (the next step's statistics are re-collected on the modified block), and the
-   compressed block runs once more for its outputs.
+   statistics of all the block's targets while the block runs (each batch stops once every
+   target has had its input), then every target gets that step's apply (the next step's
+   statistics are re-collected on the modified block), and the compressed block runs once more
+   for its outputs. By default the order is ``"layer"`` unless a step asks for ``"block"``
+   (:func:`choose_sequential`; SparseGPT does).
 3. The outputs become the next block's inputs (the two buffers are swapped, so memory does not
    grow with depth). Statistics are freed per block. Blocks after the last one in which a step
    reads calibration inputs run no forward: their steps are applied directly.
@@ -45,7 +47,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from slimtune.calib.blocks import STAT_KINDS, BlockRunner, dense_weight, find_blocks, trim_heap
+from slimtune.calib.blocks import (STAT_KINDS, BlockRunner, dense_weight, find_blocks, keep_heap,
+                                  trim_heap)
 from slimtune.calib.checks import (NEEDS, check_finite, hooks_for, validate_steps,
                                    warn_small_calibration)
 from slimtune.calib.fisher import fisher_diagonals
@@ -77,7 +80,9 @@ class BlockStep(Protocol):
     step says float32, as the OBS steps do: their Gram is damped anyway and float32 halves
     the time of the largest cost of a calibration pass).
     Optional ``prepare(model, names)``: called once before the block walk with the step's
-    targets inside the blocks (e.g. one global threshold over all of them)."""
+    targets inside the blocks (e.g. one global threshold over all of them).
+    Optional ``sequential``: ``"block"`` when the step's results were measured better with its
+    statistics taken on the unmodified block (see :func:`choose_sequential`); else ``"layer"``."""
 
     targets: Targets
     needs: frozenset[str]
@@ -85,23 +90,43 @@ class BlockStep(Protocol):
     def apply(self, name: str, layer: nn.Module, stats: LayerStats) -> nn.Module: ...
 
 
+SEQUENTIAL = ("layer", "block")
+HEAP = ("trim", "keep", "default")
+
+
+def choose_sequential(steps) -> str:
+    """The order ``sequential=None`` runs: ``"block"`` if a step that reads calibration inputs
+    asks for it (``step.sequential``), else ``"layer"`` (one forward per block, the faster)."""
+    for step in steps:
+        wanted = getattr(step, "sequential", "layer")
+        if wanted not in SEQUENTIAL:
+            raise ValueError(f"{type(step).__name__}.sequential must be one of {SEQUENTIAL}, "
+                             f"got {wanted!r}")
+        if wanted == "block" and frozenset(getattr(step, "needs", ())) & STAT_KINDS:
+            return "block"
+    return "layer"
+
+
 def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int = 2,
-                 progress: bool = True, heap: str = "trim", sequential: str = "layer") -> dict:
+                 progress: bool = True, heap: str = "keep", sequential: str | None = None) -> dict:
     """Compress ``model`` in place block by block with ``steps`` (see the module docstring).
 
     ``sequential="layer"``: one forward per block, each target getting all its steps once every
     batch has reached it (:mod:`slimtune.calib.staged`); ``"block"``: per step a forward
     collecting the statistics of all the block's targets, then one for the block's outputs
-    (less memory: one batch's activations alive instead of all batches'). Blocks after the
+    (less memory: one batch's activations alive instead of all batches'); ``None`` (default):
+    :func:`choose_sequential` of the steps. Blocks after the
     last one in which a step reads calibration inputs (``"gram"``/``"mean_abs"``) are not run:
     their steps are applied directly (a data-free recipe such as RTN or magnitude runs no
     forward at all).
 
-    ``batch_size`` windows run per block forward; with ``heap="trim"`` glibc's free heap pages go
-    back to the OS after every block (:func:`trim_heap`; ``"default"``: left to glibc). These
-    defaults (batch 2, trim) keep the peak within 15% of model + one block's activations and
-    statistics (net of the interpreter), where batch 8 was measured 46% over it, at the same speed
-    (BENCHMARKS.md, pipeline memory).
+    ``batch_size`` windows run per block forward (batch 2: the peak within 15% of model + one
+    block's activations and statistics, net of the interpreter, in the block order; batch 8 was
+    46% over it at the same speed). ``heap="keep"`` (default) has glibc keep freed memory for reuse
+    during the walk (:func:`keep_heap`, process-wide) and hands it back once at the end: the
+    pages of one block's activations serve every later block, 0.91 of the time of ``"trim"``
+    (glibc's free pages handed back after every block, :func:`trim_heap`) at the same peak;
+    ``"default"``: left to glibc (BENCHMARKS.md, pipeline memory).
 
     Returns ``{"blocks", "n_blocks", "windows", "steps": [{"step", "kind", "layers" (names
     applied), "replaced" (names whose module changed), "outside_blocks" (matched names not in a
@@ -118,10 +143,12 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     steps = list(steps)
-    if heap not in ("trim", "default"):
-        raise ValueError(f"heap must be 'trim' or 'default', got {heap!r}")
-    if sequential not in ("layer", "block"):
-        raise ValueError(f"sequential must be 'layer' or 'block', got {sequential!r}")
+    if heap not in HEAP:
+        raise ValueError(f"heap must be one of {HEAP}, got {heap!r}")
+    if sequential is None:
+        sequential = choose_sequential(steps)
+    elif sequential not in SEQUENTIAL:
+        raise ValueError(f"sequential must be 'layer', 'block' or None, got {sequential!r}")
     prefix, blocks = find_blocks(model)
     per_step = validate_steps(model, steps, prefix, len(blocks))
     fisher_names = sorted({n for needs, bb in per_step if "fisher" in needs for b in bb for n in b})
@@ -258,6 +285,8 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
                 for k in two_pass:
                     steps[k].allocate()
                 report["measure_seconds"] = time.perf_counter() - t
+            if heap == "keep":
+                keep_heap()
             t = time.perf_counter()
             if last_data >= 0:
                 walker.capture()
@@ -287,6 +316,8 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
     finally:
         walker.inps = walker.outs = None
         model.train(was_training)
+        if heap == "keep":
+            trim_heap()  # the pages kept for the blocks go back once, at the end
     for entry in report["steps"]:
         if entry["fallbacks"]:
             name, message = next(iter(entry["fallbacks"].items()))

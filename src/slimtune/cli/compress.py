@@ -32,10 +32,12 @@ def compress_command(
     seqlen: int = typer.Option(512, "--seqlen", min=2, help="Tokens per calibration window."),
     seed: int = typer.Option(0, "--seed", help="Seed for choosing calibration windows."),
     batch_size: int = typer.Option(2, "--batch-size", min=1, help="Windows per block forward."),
-    sequential: str = typer.Option("layer", "--sequential", help="layer: one forward per block, "
+    sequential: str = typer.Option("auto", "--sequential", help="layer: one forward per block, "
                                    "each layer calibrated on what the block's already compressed "
                                    "layers produce (faster); block: one forward per step plus "
-                                   "one for the outputs (less memory)."),
+                                   "one for the outputs, statistics on the block as it was (less "
+                                   "memory); auto: block if a step asks for it (sparsegpt), "
+                                   "else layer."),
     merge: bool = typer.Option(False, "--merge", help="Write a plain dense HF model."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (only "
                                    "a directory slimtune wrote)."),
@@ -44,8 +46,8 @@ def compress_command(
     from slimtune.compress import RecipeError, build_steps, check_targets, load_recipe
 
     check_model(model)
-    if sequential not in ("layer", "block"):
-        fail(f"--sequential must be 'layer' or 'block', got {sequential!r}")
+    if sequential not in ("auto", "layer", "block"):
+        fail(f"--sequential must be 'auto', 'layer' or 'block', got {sequential!r}")
     if not recipe.is_file():
         fail(f"recipe {recipe} does not exist")
     try:
@@ -82,7 +84,7 @@ def compress_command(
         fail(str(err))
     start = time.perf_counter()
     report = run_pipeline(lm, windows, build_steps(configs), batch_size=batch_size,
-                          sequential=sequential)
+                          sequential=None if sequential == "auto" else sequential)
     seconds = time.perf_counter() - start
     from slimtune.layers import storage_report
 
