@@ -24,9 +24,9 @@ Two ratios are printed: peak / expected, and (peak - overhead) / expected, where
 right before the pipeline - model size: the interpreter, torch/transformers/tokenizers code and
 heap that exist before the pipeline starts (~0.4 GB here, ~80% of the 135M-parameter model itself,
 so the plain ratio cannot come near 1 at this size). glibc keeps part of the freed per-batch
-memory unless trimmed: ``--heap trim`` calls ``malloc_trim(0)`` after every block, ``run_pipeline``'s
-default ``heap="keep"`` keeps freed memory for reuse during the walk and trims once at the end
-(``--heap default`` shows glibc's behaviour).
+memory unless trimmed: ``run_pipeline``'s default ``heap="trim"`` calls ``malloc_trim(0)`` after
+every block, ``--heap keep`` keeps freed memory for reuse during the walk and trims once at the
+end (``--heap default`` shows glibc's behaviour).
 
     .venv/bin/python benchmarks/bench_pipeline_memory.py [--n 32] [--seqlen 512] [--batch-size 2]
         [--heap keep|trim|default] [--stats-dtype float64|float32] [--threads N]
@@ -93,9 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=32, help="calibration windows (default 32)")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--batch-size", type=int, default=2)
-    ap.add_argument("--heap", choices=["trim", "keep", "default"], default="keep",
-                    help="run_pipeline(heap=...): malloc_trim after every block, freed memory "
-                         "kept for reuse (mallopt; the default), or glibc's default behaviour")
+    ap.add_argument("--heap", choices=["trim", "keep", "default"], default="trim",
+                    help="run_pipeline(heap=...): malloc_trim after every block (the default), "
+                         "freed memory kept for reuse (mallopt), or glibc's default behaviour")
     ap.add_argument("--stats-dtype", choices=["float64", "float32"], default="float64",
                     help="dtype of the Gram accumulation (float32: as the GPTQ/SparseGPT steps)")
     ap.add_argument("--seed", type=int, default=0)

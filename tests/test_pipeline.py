@@ -279,10 +279,10 @@ def test_heap_is_kept_during_the_walk_or_trimmed_after_every_block(smollm2, lm_w
     monkeypatch.setattr(pipeline, "trim_heap", lambda: trims.append(1) or True)
     monkeypatch.setattr(pipeline, "keep_heap", lambda: keeps.append(1) or True)
     model = copy.deepcopy(smollm2[0])
-    run_pipeline(model, lm_windows[:2], [Identity()], progress=False)  # default: "keep"
-    assert (len(keeps), len(trims)) == (1, 1)  # kept for the walk, handed back once at the end
-    run_pipeline(model, lm_windows[:2], [Identity()], progress=False, heap="trim")
-    assert (len(keeps), len(trims)) == (1, 31)
+    run_pipeline(model, lm_windows[:2], [Identity()], progress=False)  # default: "trim"
+    assert (len(keeps), len(trims)) == (0, 30)
+    run_pipeline(model, lm_windows[:2], [Identity()], progress=False, heap="keep")
+    assert (len(keeps), len(trims)) == (1, 31)  # kept for the walk, handed back once at the end
     run_pipeline(model, lm_windows[:2], [Identity()], progress=False, heap="default")
     assert (len(keeps), len(trims)) == (1, 31)
     with pytest.raises(ValueError, match="heap must be"):

@@ -108,7 +108,7 @@ def choose_sequential(steps) -> str:
 
 
 def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int = 2,
-                 progress: bool = True, heap: str = "keep", sequential: str | None = None) -> dict:
+                 progress: bool = True, heap: str = "trim", sequential: str | None = None) -> dict:
     """Compress ``model`` in place block by block with ``steps`` (see the module docstring).
 
     ``sequential="layer"``: one forward per block, each target getting all its steps once every
@@ -122,11 +122,11 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
 
     ``batch_size`` windows run per block forward (batch 2: the peak within 15% of model + one
     block's activations and statistics, net of the interpreter, in the block order; batch 8 was
-    46% over it at the same speed). ``heap="keep"`` (default) has glibc keep freed memory for reuse
-    during the walk (:func:`keep_heap`, process-wide) and hands it back once at the end: the
-    pages of one block's activations serve every later block, 0.91 of the time of ``"trim"``
-    (glibc's free pages handed back after every block, :func:`trim_heap`) at the same peak;
-    ``"default"``: left to glibc (BENCHMARKS.md, pipeline memory).
+    46% over it at the same speed). ``heap="trim"`` (default): glibc's free heap pages go back to
+    the OS after every block (:func:`trim_heap`); ``"keep"``: glibc keeps freed memory for reuse
+    during the walk (:func:`keep_heap`, process-wide) and hands it back once at the end (measured
+    0.91-0.98 of the time at a 1.2x higher peak in the layer order); ``"default"``: left to glibc
+    (BENCHMARKS.md, pipeline memory).
 
     Returns ``{"blocks", "n_blocks", "windows", "steps": [{"step", "kind", "layers" (names
     applied), "replaced" (names whose module changed), "outside_blocks" (matched names not in a
