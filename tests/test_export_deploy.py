@@ -9,6 +9,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,6 +177,38 @@ def test_4bit_in_q4_0_is_read_bit_exactly_by_transformers_gguf_loader(method, sm
     assert info["layers"] == {"exact:q4_0": 210}
     theirs = reader_logits(READ_GGUF, [tmp_path / "m.gguf"], ids, tmp_path)
     assert torch.equal(theirs, logits)
+
+
+PEERS = Path(__file__).resolve().parents[1] / "benchmarks" / "peers"
+LLAMA_PY, LLAMA_PPL = PEERS / ".venv-llamacpp" / "bin" / "python", PEERS / "llamacpp_ppl.py"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not LLAMA_PY.exists(), reason="llama.cpp venv missing: run "
+                    "bash benchmarks/peers/build_llamacpp.sh (builds llama-cpp-python once)")
+def test_llama_cpp_scores_our_q4_0_gguf_within_1_percent_of_our_perplexity(smollm2, tmp_path):
+    """llama.cpp itself (llama-cpp-python, in a venv with neither torch nor slimtune) loads our
+    Q4_0 file and its perplexity on PTB test is ours within 1% (its kernels quantise the
+    activations of Q4_0 products to 8 bits, so not bit-exact)."""
+    import numpy as np
+
+    from slimtune.data import load_text
+    from slimtune.evaluate import perplexity, tokenize_text
+
+    model, tok, _, _ = compressed(smollm2, "- {method: rtn, bits: 4, group_size: 32, "
+                                           "fp16_scales: true}")
+    info = write_gguf(model, resolve_model_dir("smollm2-135m"), tmp_path / "m.gguf")
+    assert info["layers"] == {"exact:q4_0": 210}
+    ids = tokenize_text(tok, load_text("ptb", "test"))[:1024]
+    ours = perplexity(model, ids, seqlen=512, progress=False)["perplexity"]
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    run = subprocess.run([str(LLAMA_PY), str(LLAMA_PPL), str(tmp_path / "m.gguf"),
+                          str(tmp_path / "ids.npy"), "--seqlen", "512", "--gen", "2"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs = json.loads(run.stdout.strip().splitlines()[-1])
+    assert theirs["reader"] == "llama.cpp" and theirs["tokens"] == 2 * 511
+    assert abs(theirs["perplexity"] / ours - 1) < 0.01, (theirs["perplexity"], ours)
 
 
 def test_gguf_metadata_and_tokenizer_equal_the_shipped_smollm2_gguf(smollm2, tmp_path):
