@@ -21,7 +21,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_gguf_llamacpp import LLAMA_PY, MODEL, SEQLEN, SETS, SLIMTUNE, last_json, run  # noqa: E402
+from bench_gguf_llamacpp import (LLAMA_PY, MODEL, SEQLEN, SETS, SLIMTUNE, llamacpp_score,  # noqa: E402
+                                 run, save_test_ids)
 
 
 def main() -> None:
@@ -38,29 +39,20 @@ def main() -> None:
     if not args.model_dir.is_dir():
         sys.exit(f"--model-dir {args.model_dir} is not a directory")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}
-    import numpy as np
-
-    from slimtune.data import load_text
-    from slimtune.evaluate import tokenize_text
     from slimtune.models import load_model
 
-    _, tokenizer = load_model(MODEL)
     rows = []
     with tempfile.TemporaryDirectory(prefix="gguf-embedding-") as tmp:
-        for data in SETS:
-            ids = tokenize_text(tokenizer, load_text(data, "test"))[:args.eval_tokens]
-            np.save(Path(tmp) / f"{data}.npy", ids.numpy())
+        save_test_ids(load_model(MODEL)[1], Path(tmp), args.eval_tokens)
         for emb in args.types:
             gguf = Path(tmp) / f"model-{emb}.gguf"
             run([SLIMTUNE, "export", "--model", args.model_dir, "--format", "gguf",
                  "--gguf-type", args.gguf_type, "--embedding-type", emb, "--out", gguf], env)
             row = {"embedding_type": emb, "mb": gguf.stat().st_size / 1e6}
             for data in SETS:
-                r = last_json(run([LLAMA_PY, HERE / "peers" / "llamacpp_ppl.py", gguf,
-                                   Path(tmp) / f"{data}.npy", "--seqlen", SEQLEN, "--threads",
-                                   args.threads, "--gen", "8"], env))
+                r = llamacpp_score(gguf, Path(tmp) / f"{data}.npy", args.threads, env, gen=8)
                 row[f"ppl_{data}"] = r["perplexity"]
-                row[f"prompt_tokens_per_s_{data}"] = r["prompt_tokens_per_s"]
+                row[f"prompt_tokens_per_s_{data}"] = r["tokens_per_s"]
             rows.append(row)
             gguf.unlink()
     print(f"\n{args.model_dir} as GGUF {args.gguf_type}, perplexity by llama.cpp on the first "

@@ -45,6 +45,26 @@ def last_json(stdout: str) -> dict:
     return json.loads([line for line in stdout.splitlines() if line.startswith("{")][-1])
 
 
+def save_test_ids(tokenizer, folder: Path, n: int) -> None:
+    """``<folder>/<set>.npy``: the first ``n`` test token ids of each set, by slimtune's tokenizer."""
+    import numpy as np
+
+    from slimtune.data import load_text
+    from slimtune.evaluate import tokenize_text
+
+    for data in SETS:
+        np.save(folder / f"{data}.npy", tokenize_text(tokenizer, load_text(data, "test"))[:n].numpy())
+
+
+def llamacpp_score(gguf: Path, ids: Path, threads: int, env: dict, gen: int = 32) -> dict:
+    """Perplexity and speed of ``gguf`` on the ids file by llama.cpp (``peers/llamacpp_ppl.py``)."""
+    r = last_json(run([LLAMA_PY, HERE / "peers" / "llamacpp_ppl.py", gguf, ids, "--seqlen", SEQLEN,
+                       "--threads", threads, "--gen", gen], env))
+    return {"perplexity": r["perplexity"], "tokens": r["tokens"],
+            "tokens_per_s": r["prompt_tokens_per_s"], "load_seconds": r["load_seconds"],
+            "gen_tokens_per_s": r["gen_tokens_per_s"], "llama_cpp_python": r["llama_cpp_python"]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "gptq_gguf.yaml")
@@ -67,31 +87,21 @@ def main() -> None:
     run([SLIMTUNE, "export", "--model", model_dir, "--format", "gguf", "--gguf-type",
          args.gguf_type, "--out", gguf], env)
 
-    import numpy as np
-
-    from slimtune.data import load_text
-    from slimtune.evaluate import tokenize_text
     from slimtune.models import load_model
 
-    _, tokenizer = load_model(MODEL)
+    save_test_ids(load_model(MODEL)[1], work, args.eval_tokens)
     result = {"recipe": str(args.recipe), "n": args.n, "gguf_type": args.gguf_type,
               "eval_tokens": args.eval_tokens, "threads": args.threads,
               "gguf_mb": gguf.stat().st_size / 1e6, "readers": {}}
     for data in SETS:
-        ids = tokenize_text(tokenizer, load_text(data, "test"))[:args.eval_tokens]
-        np.save(work / f"{data}.npy", ids.numpy())
         for reader, path in (("slimtune", model_dir), ("transformers-gguf", gguf)):
             r = last_json(run([SLIMTUNE, "eval", "--model", path, "--data", data, "--max-tokens",
                                args.eval_tokens, "--seqlen", SEQLEN, "--json"], env))
             result["readers"].setdefault(reader, {})[data] = {
                 "perplexity": r["perplexity"], "tokens": r["tokens"],
                 "tokens_per_s": r["tokens_per_s"], "load_seconds": r["load_seconds"]}
-        r = last_json(run([LLAMA_PY, HERE / "peers" / "llamacpp_ppl.py", gguf, work / f"{data}.npy",
-                           "--seqlen", SEQLEN, "--threads", args.threads], env))
-        result["readers"].setdefault("llama.cpp", {})[data] = {
-            "perplexity": r["perplexity"], "tokens": r["tokens"],
-            "tokens_per_s": r["prompt_tokens_per_s"], "load_seconds": r["load_seconds"],
-            "gen_tokens_per_s": r["gen_tokens_per_s"], "llama_cpp_python": r["llama_cpp_python"]}
+        result["readers"].setdefault("llama.cpp", {})[data] = llamacpp_score(
+            gguf, work / f"{data}.npy", args.threads, env)
     dense, theirs = work / "dense-f32.gguf", work / f"llamacpp-{args.gguf_type}.gguf"
     run([SLIMTUNE, "export", "--model", MODEL, "--format", "gguf", "--gguf-type", "f32",
          "--embedding-type", "f32", "--out", dense], env)
@@ -99,13 +109,8 @@ def main() -> None:
                        args.gguf_type, "--embedding-type", "q8_0", "--threads", args.threads], env))
     result["llamacpp_quantised_mb"] = q["mb"]
     for data in SETS:
-        r = last_json(run([LLAMA_PY, HERE / "peers" / "llamacpp_ppl.py", theirs,
-                           work / f"{data}.npy", "--seqlen", SEQLEN, "--threads", args.threads],
-                          env))
-        result["readers"].setdefault(f"llama.cpp on its own {args.gguf_type}", {})[data] = {
-            "perplexity": r["perplexity"], "tokens": r["tokens"],
-            "tokens_per_s": r["prompt_tokens_per_s"], "load_seconds": r["load_seconds"],
-            "gen_tokens_per_s": r["gen_tokens_per_s"]}
+        result["readers"].setdefault(f"llama.cpp on its own {args.gguf_type}", {})[data] = (
+            llamacpp_score(theirs, work / f"{data}.npy", args.threads, env))
     base = result["readers"]["slimtune"]
     print(f"\n{MODEL}, {args.recipe.name} on {args.n} PTB-train windows, GGUF {args.gguf_type} "
           f"({result['gguf_mb']:.1f} MB; llama.cpp's own {args.gguf_type}: "
