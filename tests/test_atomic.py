@@ -140,3 +140,25 @@ def test_an_old_output_set_aside_by_a_killed_write_is_restored(tmp_path, capsys)
             pass
     assert (out / "v").read_text() == "old" and names(tmp_path) == ["out"]
     assert "restored" in capsys.readouterr().err
+
+
+def test_check_output_file_refuses_what_it_must_not_replace(tmp_path):
+    from slimtune.io.outputs import OutputError, check_output_file
+
+    out = tmp_path / "m.gguf"
+    assert check_output_file(out, 1000) == out  # a new file in a writable directory
+    (tmp_path / "d.gguf").mkdir()
+    with pytest.raises(OutputError, match="is a directory"):
+        check_output_file(tmp_path / "d.gguf")
+    out.write_bytes(b"user data")
+    with pytest.raises(OutputError, match="already exists"):
+        check_output_file(out, magic=b"GGUF")
+    with pytest.raises(OutputError, match="slimtune did not write it"):
+        check_output_file(out, overwrite=True, magic=b"GGUF")
+    out.write_bytes(b"GGUF\x03\x00")
+    assert check_output_file(out, overwrite=True, magic=b"GGUF") == out
+    with pytest.raises(OutputError, match="is not a directory"):
+        check_output_file(out / "x.gguf")
+    with pytest.raises(OutputError, match="MB are free"):
+        check_output_file(tmp_path / "new.gguf", needed_bytes=2 ** 62)
+    assert out.read_bytes() == b"GGUF\x03\x00"  # checks never touch the file

@@ -11,7 +11,8 @@ from slimtune.calib import calibration_windows, run_pipeline
 from slimtune.cli import app
 from slimtune.compress import build_steps, load_recipe
 from slimtune.io.checkpoint import save_model
-from slimtune.models import load_model
+from slimtune.export.gguf import estimate_bytes
+from slimtune.models import load_model, model_skeleton
 
 runner = CliRunner()
 
@@ -53,6 +54,9 @@ def test_gguf_needs_a_gguf_file_name_a_llama_model_and_a_free_path(tmp_path):
     result = runner.invoke(app, ["export", "-m", "smollm2-135m", "-f", "gguf", "-o",
                                  str(tmp_path / "x.gguf")])
     assert result.exit_code == 2 and "already exists" in result.stderr
+    result = runner.invoke(app, ["export", "-m", "smollm2-135m", "-f", "gguf", "-o",
+                                 str(tmp_path / "x.gguf"), "--overwrite"])
+    assert result.exit_code == 2 and "slimtune did not write it" in result.stderr
     assert (tmp_path / "x.gguf").read_bytes() == b"keep"
 
 
@@ -67,6 +71,12 @@ def test_export_all_formats_and_eval_them(saved_rtn, tmp_path):
         assert result.exit_code == 0, result.output
         info = json.loads(result.stdout.strip().splitlines()[-1])
         assert info["bytes"] > 0 and out.exists()
+        if fmt == "gguf":  # every layer went to Q4_0: the size estimated before the work holds
+            assert info["layers"] == {"exact:q4_0": 210}
+            skeleton = model_skeleton(saved_rtn)
+            assert estimate_bytes(skeleton, "q4_0", "q8_0") == pytest.approx(info["bytes"],
+                                                                             rel=0.01)
+            assert estimate_bytes(skeleton, "auto", "q8_0") > info["bytes"]  # an upper bound
         got = runner.invoke(app, ["eval", "-m", str(out), *eval_args])
         assert got.exit_code == 0, got.output
         ppl = json.loads(got.stdout.strip().splitlines()[-1])["perplexity"]

@@ -4,7 +4,7 @@
   hook that makes it wait at a named point (``slimtune.io.atomic.fault_point``: the final rename
   of the directory ``out``, ``final-rename:<name>``), sends it a signal there and waits for it.
 - :func:`snapshot` (relative path -> sha256 of every file under a directory, marker and volatile
-  files left out) and :func:`leftovers` (the ``.OUT.tmp-*`` / ``.OUT.old-*`` an interrupted
+  files left out; an output that is one file: its name -> its sha256) and :func:`leftovers` (the ``.OUT.tmp-*`` / ``.OUT.old-*`` an interrupted
   write leaves beside OUT) are what the tests compare.
 - :func:`mount_tmpfs` mounts a small tmpfs (read-only or of a given size) where the kernel lets
   root do so, and says why not otherwise (the tests then skip with that reason).
@@ -74,6 +74,8 @@ def snapshot(path: Path) -> dict[str, str] | None:
     path = Path(path)
     if not path.exists():
         return None
+    if path.is_file():  # an output that is one file
+        return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
     return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
             for f in sorted(path.rglob("*"))
             if f.is_file() and f.name not in VOLATILE and ".tmp-" not in f.name}

@@ -26,10 +26,11 @@ from harness import (cli, error_lines, interrupt_at, killed, leftovers, mount_tm
 class Workspace:
     root: Path
     inputs: dict = field(default_factory=dict)  # shared inputs (an adapter to export, ...)
+    out_name: str = "out"                       # the command's OUT (a file for some commands)
 
     @property
     def out(self) -> Path:
-        return self.root / "out"
+        return self.root / self.out_name
 
 
 @dataclass
@@ -40,6 +41,7 @@ class Command:
     overwrite: str = "--overwrite"              # how to rerun into an existing OUT
     slow: bool = False                          # its kill/interrupt cases only in make test-all
     last_write: str = "out"                     # the name written last: the kill/interrupt point
+    out_name: str = "out"                       # OUT's name in the workspace (gguf: a file)
 
     def with_model(self, args: list, model) -> list:
         """``args`` with ``model`` as the model (replacing ``-m X``, or added)."""
@@ -63,6 +65,11 @@ COMMANDS = [
                                       "--seqlen", "16", "--eval-examples", "8", "--out", out]),
     Command("export-peft", lambda ws, out: ["export-peft", "--adapter", ws.inputs["adapter"],
                                             "--out", out], slow=True),
+    Command("export", lambda ws, out: ["export", "-m", ws.inputs["rtn"], "--format",
+                                       "compressed-tensors", "--out", out]),
+    Command("export-gguf", lambda ws, out: ["export", "-m", "smollm2-135m", "--format", "gguf",
+                                            "--out", out.with_suffix(".gguf")],
+            slow=True, last_write="out.gguf", out_name="out.gguf"),
 ]
 WRITERS = [c for c in COMMANDS if c.writes]
 
@@ -74,7 +81,8 @@ def marks(command: Command, slow_case: bool = False):
 
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
-    """Inputs some commands need: a small LoRA adapter on the MiniLM encoder (for export-peft)."""
+    """Inputs some commands need: a small LoRA adapter on the MiniLM encoder (for export-peft),
+    MiniLM compressed by RTN 4-bit (for export)."""
     import torch
 
     from slimtune import adapt
@@ -86,12 +94,18 @@ def shared(tmp_path_factory):
         for p in adapt.trainable_parameters(model).values():
             p.add_(0.01)
     adapt.save(model, adapter)
-    return {"adapter": adapter}
+    rtn = adapter.parent / "rtn"
+    proc = cli(["compress", "-m", "minilm-l6", "--recipe", "recipes/rtn.yaml", "--out", rtn])
+    assert proc.returncode == 0, proc.stderr
+    return {"adapter": adapter, "rtn": rtn}
 
 
 @pytest.fixture
-def ws(tmp_path, shared):
-    return Workspace(tmp_path, dict(shared))
+def ws(tmp_path, shared, request):
+    """The test's workspace; OUT is named as the test's ``command`` parameter says."""
+    command = getattr(request.node, "callspec", None) and request.node.callspec.params.get(
+        "command")
+    return Workspace(tmp_path, dict(shared), command.out_name if command else "out")
 
 
 def assert_user_error(proc, message: str) -> None:
@@ -151,7 +165,7 @@ def test_sigkill_during_the_final_write_keeps_the_old_output(ws, command):
                         ws.root)
     assert killed(proc)
     assert snapshot(ws.out) == before  # the old OUT, intact
-    target = ws.out if command.last_write == "out" else ws.out / command.last_write
+    target = ws.out if command.last_write == command.out_name else ws.out / command.last_write
     assert leftovers(target)  # the killed run's new copy, not yet in place
     again = cli(rerun(command, ws))
     assert again.returncode == 0, again.stderr
@@ -183,7 +197,7 @@ def test_sigkill_at_a_random_moment_loses_nothing(ws, command, seed):
     assert snapshot(ws.out) == before, f"killed after {delay:.2f} s"
     again = cli(rerun(command, ws))
     assert again.returncode == 0, again.stderr
-    target = ws.out if command.last_write == "out" else ws.out / command.last_write
+    target = ws.out if command.last_write == command.out_name else ws.out / command.last_write
     assert leftovers(target) == [] and snapshot(ws.out) == before
 
 

@@ -120,6 +120,17 @@ def check_output(out: Path, needed_bytes: int = 0, overwrite: bool = False,
         fail(str(err))
 
 
+def check_output_file(out: Path, needed_bytes: int = 0, overwrite: bool = False,
+                      magic: bytes | None = None) -> None:
+    """:func:`slimtune.io.outputs.check_output_file`, failing with its message."""
+    from slimtune.io.outputs import OutputError, check_output_file as check
+
+    try:
+        check(out, needed_bytes, overwrite=overwrite, magic=magic)
+    except OutputError as err:
+        fail(str(err))
+
+
 def base_model_of(manifest: dict, adapter: Path) -> str:
     """The base model recorded in ``adapter.json``, as a name ``load_model`` accepts.
 

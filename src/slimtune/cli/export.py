@@ -9,8 +9,8 @@ from pathlib import Path
 
 import typer
 
-from slimtune.cli.app import MODEL_HELP, check_model, check_output, command, fail, load_or_fail, \
-    stdout
+from slimtune.cli.app import (MODEL_HELP, check_model, check_output, check_output_file, command,
+                              fail, load_or_fail, stdout)
 
 FORMATS = ("compressed-tensors", "gguf", "hf")
 
@@ -49,7 +49,8 @@ def export_command(
                                    "slimtune wrote)."),
 ) -> None:
     """Validate, load, write with the format's writer, print what was written."""
-    from slimtune.export.gguf import check_gguf_args, check_llama
+    from slimtune.export.gguf import check_gguf_args, check_llama, estimate_bytes
+    from slimtune.models import model_skeleton, weights_bytes
 
     if fmt not in FORMATS:
         fail(f"--format: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -63,18 +64,18 @@ def export_command(
             fail(f"--gguf-type/--embedding-type: {err}")
         if out.suffix != ".gguf":
             fail(f"--out: a GGUF export is one file named *.gguf, got {out}")
-        if out.exists() and not overwrite:
-            fail(f"--out: {out} already exists (pass --overwrite to replace it)")
-        if out.is_dir():
-            fail(f"--out: {out} is a directory")
-        from slimtune.models import model_skeleton
-
+        skeleton = model_skeleton(model)
         try:
-            check_llama(model_skeleton(model).config)
+            check_llama(skeleton.config)
         except ValueError as err:
             fail(f"--format gguf: {err}")
-    else:
-        check_output(out, overwrite=overwrite)
+        check_output_file(out, estimate_bytes(skeleton, gguf_type, embedding_type), overwrite,
+                          magic=b"GGUF")
+    elif fmt == "hf":  # every part folded into float32 weights
+        dense = 4 * sum(p.numel() for p in model_skeleton(model).parameters())
+        check_output(out, dense, overwrite=overwrite)
+    else:  # the packed integers of the model's own files (and its float tensors as they are)
+        check_output(out, weights_bytes(model), overwrite=overwrite)
 
     lm, tokenizer = load_or_fail(model)
     with warnings.catch_warnings(record=True) as caught:

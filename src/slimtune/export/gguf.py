@@ -45,6 +45,10 @@ LAYER_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
                "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
 NORM_NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7}
+# bytes per weight of each type (a block of 32 weights: fp16 scale (+ fp16 offset) + integers);
+# auto writes each layer in its exact carrier or F16, so F16 bounds it
+BYTES_PER_WEIGHT = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_1": 20 / 32, "q4_0": 18 / 32,
+                    "auto": 2.0}
 
 
 def check_gguf_args(gguf_type: str, embedding_type: str) -> None:
@@ -53,6 +57,20 @@ def check_gguf_args(gguf_type: str, embedding_type: str) -> None:
     if embedding_type not in EMBEDDING_TYPES:
         raise ValueError(f"unknown embedding type {embedding_type!r}; choose one of "
                          f"{', '.join(EMBEDDING_TYPES)}")
+
+
+def estimate_bytes(skeleton: nn.Module, gguf_type: str, embedding_type: str) -> int:
+    """About how large the GGUF of ``skeleton`` (a model on any device, e.g. ``meta``) will be:
+    the token embedding (and an untied output head) in ``embedding_type``, every other weight in
+    ``gguf_type`` (an upper bound for ``auto``), plus 2 MB for the tokenizer and metadata."""
+    embedding = skeleton.get_input_embeddings().weight
+    head = skeleton.get_output_embeddings()
+    heads = [embedding] + ([head.weight] if head is not None and head.weight is not embedding
+                           else [])
+    ids = {id(w) for w in heads}
+    rest = sum(p.numel() for p in skeleton.parameters() if id(p) not in ids)
+    return int(sum(w.numel() for w in heads) * BYTES_PER_WEIGHT[embedding_type]
+               + rest * BYTES_PER_WEIGHT[gguf_type]) + 2 * 2 ** 20
 
 
 def check_llama(config) -> None:
