@@ -3,9 +3,12 @@
 Loads SmolLM2-135M (converting its GGUF once), inspects the singular-value spectra of its 210
 projection weights (writing ``out/demo/spectra.png``), measures perplexity and forward speed on the
 PTB and Austen test splits (first 40 × 512 tokens of each), compresses it with
-``recipes/demo.yaml`` (GPTQ 4-bit per channel with act_order, then EoRA rank 16, on 16 × 512
-PTB-train calibration windows), saves it (``out/demo/compressed``: MB on disk, bits per weight)
-and measures again; then fine-tunes a fresh copy with LoRA (r=16, alpha 32,
+``recipes/demo.yaml`` (GPTQ 4-bit in symmetric groups of 32 with fp16 scales and act_order, then
+EoRA rank 16, on 16 × 512 PTB-train calibration windows), saves it (``out/demo/compressed``: MB
+on disk, bits per weight) and measures again; exports its GPTQ base to GGUF
+(``out/demo/gptq-q4_0.gguf``: the integers and scales exactly, in Q4_0; EoRA's low-rank parts
+are left out, as no quantised GGUF type has a place for them) and measures that file as
+transformers' GGUF loader reads it; then fine-tunes a fresh copy with LoRA (r=16, alpha 32,
 all projections) on Austen train for --adapt-steps steps of 4 × 128 tokens (lr 2e-4, the
 library's training loop; adapter written to ``out/demo/lora-austen``) and measures again: Austen
 perplexity falls (the tuned task), PTB shows what it costs elsewhere. Prints one table.
@@ -28,10 +31,11 @@ from slimtune.analyze.spectra import layer_spectra, plot_spectra
 from slimtune.calib import calibration_windows, run_pipeline
 from slimtune.compress import build_steps, load_recipe
 from slimtune.data import load_text
+from slimtune.export.gguf import write_gguf
 from slimtune.evaluate import (bytes_on_disk, parameter_count, peak_rss_mb, perplexity,
                                tokenize_text)
 from slimtune.io.checkpoint import save_model
-from slimtune.layers import storage_report
+from slimtune.layers import FactoredLinear, storage_report
 from slimtune.models import load_model, weights_bytes
 from slimtune.train import build_task, make_train_config, train
 
@@ -73,9 +77,9 @@ def main(argv: list[str] | None = None) -> None:
         table.add_column(col, justify="left" if col in columns[:2] else "right")
     test_ids = {data: tokenize_text(tok, load_text(data, "test")) for data in ("ptb", "austen")}
 
-    def add_perplexity_rows(label: str, megabytes: float | None = None) -> None:
+    def add_perplexity_rows(label: str, megabytes: float | None = None, lm=None) -> None:
         for data, ids in test_ids.items():
-            res = perplexity(model, ids, seqlen=args.seqlen, max_tokens=args.max_tokens)
+            res = perplexity(lm or model, ids, seqlen=args.seqlen, max_tokens=args.max_tokens)
             table.add_row(label, f"{data} test ({res['tokens']:,} scored)",
                           f"{res['perplexity']:.2f}", f"{res['tokens_per_s']:.0f}",
                           "-" if megabytes is None else f"{megabytes:.0f}", "-", "-", "-")
@@ -96,6 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     methods = " + ".join(c.method for c in configs)
     add_perplexity_rows(f"{methods} ({storage['bits_per_weight']:.2f} bits/weight)",
                         bytes_on_disk(saved) / 1e6)
+    gguf = export_gguf_base(model, tok, args.out / "gptq-q4_0.gguf", console)
+    types = ", ".join(sorted(k.replace("exact:", "") for k in gguf["layers"]))
+    add_perplexity_rows(f"gptq base as GGUF {types} (transformers)", gguf["bytes"] / 1e6,
+                        lm=gguf["model"])
+    del gguf
     if args.adapt_steps:
         del model
         model, tok = load_model(args.model)
@@ -124,6 +133,37 @@ def main(argv: list[str] | None = None) -> None:
                       f"{med['energy_r8']:.2f} / {med['energy_r32']:.2f} / {med['energy_r128']:.2f}")
     console.print(table)
     console.print(f"total {time.perf_counter() - start:.0f} s, peak RSS {peak_rss_mb():.0f} MB")
+
+
+def export_gguf_base(model, tok, out: Path, console: Console) -> dict:
+    """Write ``model``'s quantised bases (its low-rank parts left out) to the GGUF file ``out``
+    and load it back with transformers' own GGUF loader (``gguf_file=``, dequantised to float32).
+    ``model`` is unchanged. Returns the writer's report with the loaded ``model``."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    parts = {n: m.lowrank for n, m in model.named_modules() if isinstance(m, FactoredLinear)}
+    try:
+        for name in parts:
+            model.get_submodule(name).lowrank = None
+        with tempfile.TemporaryDirectory() as tok_dir:
+            tok.save_pretrained(tok_dir)
+            t = time.perf_counter()
+            report = write_gguf(model, tok_dir, out, overwrite=True)
+    finally:
+        for name, part in parts.items():
+            model.get_submodule(name).lowrank = part
+    console.print(f"exported the GPTQ base (EoRA parts left out) to {out} in "
+                  f"{time.perf_counter() - t:.0f} s: {report['bytes'] / 1e6:.1f} MB, layers "
+                  f"{report['layers']}, embedding {report['embedding_type']}")
+    t = time.perf_counter()
+    hf_logging.disable_progress_bar()
+    report["model"] = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name,
+                                                           dtype="float32").eval()
+    console.print(f"transformers loaded {out.name} in {time.perf_counter() - t:.1f} s")
+    return report
 
 
 if __name__ == "__main__":
