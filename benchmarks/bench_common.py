@@ -1,12 +1,15 @@
 """Helpers shared by the benchmark scripts: cutting a model to its first blocks (smoke tests),
-timing models in alternating rounds, and the JSON-lines result files (one row per run, appended;
-read back for ``--table``)."""
+timing models in alternating rounds, the JSON-lines result files (one row per run, appended;
+read back for ``--table``), and what a result records of where it ran (commit, CPU)."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 from typing import Callable
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def first_blocks(model, n: int):
@@ -51,3 +54,25 @@ def alternate(names: list[str], warmup: int, steps: int,
         print(f"round {rnd + 1}{' (warm-up)' if rnd < warmup else ''}: "
               + ", ".join(f"{n} {last[n]:.2f} s" for n in names), file=sys.stderr, flush=True)
     return times, first_loss
+
+
+def git_commit() -> str:
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        return git("rev-parse", "--short", "HEAD") + (
+            "-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (timings are comparable only on one machine)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"

@@ -18,8 +18,11 @@ perplexity falls (the tuned task), PTB shows what it costs elsewhere. Prints one
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -160,8 +163,12 @@ def export_gguf_base(model, tok, out: Path, console: Console) -> dict:
                   f"{report['layers']}, embedding {report['embedding_type']}")
     t = time.perf_counter()
     hf_logging.disable_progress_bar()
-    report["model"] = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name,
-                                                           dtype="float32").eval()
+    with contextlib.redirect_stderr(io.StringIO()) as err:  # the GGUF loader's own tqdm bar
+        report["model"] = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name,
+                                                               dtype="float32").eval()
+    for line in err.getvalue().replace("\r", "\n").splitlines():
+        if line.strip() and "de-quantizing GGUF tensors" not in line:
+            print(line, file=sys.stderr)
     console.print(f"transformers loaded {out.name} in {time.perf_counter() - t:.1f} s")
     return report
 
