@@ -1,11 +1,15 @@
-"""Issue #13's per-format benchmark: four compressed SmolLM2-135M models, each exported to every
+"""Issue #13's per-format benchmark: compressed SmolLM2-135M models, each exported to every
 format, each format scored by the readers people use.
 
-For each setting: ``slimtune compress`` (``--n`` PTB-train windows of 512), then ``slimtune
-export`` to compressed-tensors (``ct/``, with ``ct/adapter`` for low-rank parts), GGUF (the
-setting's type: ``auto`` keeps the quantised integers exactly; a model with low-rank parts goes
-to ``f16``, which folds them in, since no quantised GGUF type holds them) and a dense Hugging
-Face directory (``hf/``). Readers, each in its own process, on the first ``--eval-tokens`` of PTB
+Settings: the issue's four (gptq 4-bit g32, gptq 3-bit g64 + eora 32, rtn 4-bit per channel,
+sparsegpt 2:4 + gptq 4-bit; symmetric grids with fp16 scales, which Q4_0 carries exactly) and
+rtn 4-bit g32 asymmetric (Q4_1, whose fp16 offsets are not exact: the error is reported). For
+each: ``slimtune compress`` (``--n`` PTB-train windows of 512), then ``slimtune export`` to
+compressed-tensors (``ct/``, with ``ct/adapter`` for low-rank parts), GGUF (the setting's type:
+``auto`` keeps the quantised integers exactly; a model with low-rank parts goes to ``f16``,
+which folds them in, since no quantised GGUF type holds them -- and, to show what the
+alternative costs, also to ``q4_0 --requantize``, scored by llama.cpp) and a dense Hugging Face
+directory (``hf/``). Readers, each in its own process, on the first ``--eval-tokens`` of PTB
 test and Austen test (windows of 512, the same token ids for every reader):
 
 - slimtune (``slimtune eval``) on its own saved model;
@@ -49,7 +53,13 @@ SETTINGS = {
                        "auto"),
     "sparsegpt-2:4+gptq-w4-g32": ("- {method: sparsegpt, sparsity: 0.5, pattern: '2:4'}\n"
                                   f"- {GPTQ % (4, 32)}", "auto"),
+    # asymmetric: Q4_1, whose fp16 offsets are not exact (the error is reported)
+    "rtn-w4-g32-asym": ("- {method: rtn, bits: 4, group_size: 32, sym: false, fp16_scales: true}",
+                        "auto"),
 }
+# settings whose low-rank parts a quantised GGUF cannot hold: also folded and re-quantised to
+# this type (--requantize, round-to-nearest) and scored by llama.cpp, to show what that costs
+REQUANTIZED = {"gptq-w3-g64+eora32": "q4_0"}
 
 
 def stem(name: str) -> str:
@@ -96,6 +106,15 @@ def one_setting(name: str, args, env, work: Path) -> dict:
     gguf_info = last_json(run([SLIMTUNE, "export", "-m", model, "-f", "gguf", "--gguf-type",
                                gguf_type, "-o", gguf], env))
     run([SLIMTUNE, "export", "-m", model, "-f", "hf", "-o", hf], env)
+    extra = {}
+    if name in REQUANTIZED:
+        kind = REQUANTIZED[name]
+        folded = folder / f"requantized-{kind}.gguf"
+        run([SLIMTUNE, "export", "-m", model, "-f", "gguf", "--gguf-type", kind, "--requantize",
+             "-o", folded], env)
+        extra[f"llama.cpp (low-rank folded, re-quantised to {kind})"] = (
+            f"gguf {kind} --requantize", folded,
+            {d: llamacpp_score(folded, work / f"{d}.npy", args.threads, env) for d in SETS})
     how = ("peft" if ct_info["adapter_layers"] else
            "dequantize" if ct_info["asymmetric"] or ct_info["schemes"] > 1 else "packed")
     readers = {
@@ -107,13 +126,17 @@ def one_setting(name: str, args, env, work: Path) -> dict:
         "llama.cpp": ("gguf", gguf, {d: llamacpp_score(gguf, work / f"{d}.npy", args.threads, env)
                                      for d in SETS}),
         "transformers (dense hf)": ("hf", hf, transformers_score(hf, "plain", work, args, env)),
+        **extra,
     }
     return {"setting": name, "recipe": recipe_text, "gguf_type": gguf_type,
-            "gguf_layers": gguf_info["layers"], "n": args.n, "eval_tokens": args.eval_tokens,
+            "gguf_layers": gguf_info["layers"],
+            "q4_1_offset_error": gguf_info.get("q4_1_offset_error"), "n": args.n, "eval_tokens": args.eval_tokens,
             "threads": args.threads, "compress_seconds": compress_s, "git": git_commit(),
             "cpu": cpu_model(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "mb": {fmt: megabytes(path) for fmt, path in
-                   (("slimtune", model), ("compressed-tensors", ct), ("gguf", gguf), ("hf", hf))},
+            "mb": {**{fmt: megabytes(path) for fmt, path in
+                      (("slimtune", model), ("compressed-tensors", ct), ("gguf", gguf),
+                       ("hf", hf))},
+                   **{fmt: megabytes(path) for fmt, path, _ in extra.values()}},
             "readers": {r: {"format": fmt, **scores} for r, (fmt, _, scores) in readers.items()}}
 
 
@@ -127,7 +150,9 @@ def print_table(results: list[dict]) -> None:
             ratio = " / ".join(f"{r[d]['perplexity'] / base[d]['perplexity']:.4f}" for d in SETS)
             gen = r["ptb"].get("gen_tokens_per_s")
             fmt = r["format"] + (f" {res['gguf_type']}" if r["format"] == "gguf" else "")
-            print(f"| {res['setting']} | {fmt} ({res['mb'][r['format']]:.1f}) | {reader} | "
+            if r["format"] == "gguf" and res.get("q4_1_offset_error") is not None:
+                fmt += f", Q4_1 offset error {res['q4_1_offset_error']:.1e}"
+            print(f"| {res['setting']} | {fmt} ({res['mb'][r['format']]:.1f} MB) | {reader} | "
                   f"{r['ptb']['perplexity']:.3f} | {r['austen']['perplexity']:.3f} | {ratio} | "
                   f"{r['ptb']['tokens_per_s']:.0f} | {'-' if gen is None else f'{gen:.1f}'} | "
                   f"{r['ptb']['load_seconds']:.1f} |")

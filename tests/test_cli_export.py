@@ -34,6 +34,9 @@ def saved_rtn(smollm2, tmp_path_factory):
     (["--format", "gguf", "--gguf-type", "q3_k"], "unknown GGUF type 'q3_k'"),
     (["--format", "gguf", "--embedding-type", "q2"], "unknown embedding type 'q2'"),
     (["--format", "compressed-tensors", "--gguf-type", "q4_0"], "apply to --format gguf only"),
+    (["--format", "compressed-tensors", "--embedding-type", "q8_0"],
+     "stores the embedding in f32 or f16"),
+    (["--format", "hf", "--embedding-type", "f16"], "gguf and compressed-tensors only"),
 ])
 def test_bad_arguments_exit_2_before_loading(args, message, tmp_path):
     out = tmp_path / ("m.gguf" if "gguf" in args else "o")

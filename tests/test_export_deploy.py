@@ -114,6 +114,24 @@ def test_symmetric_4bit_loads_in_transformers_with_the_same_logits(method, smoll
         assert torch.equal(reloaded(ids).logits, logits)
 
 
+def test_a_float16_embedding_halves_it_and_transformers_reads_it(smollm2, tmp_path):
+    model, tok, ids, _ = compressed(smollm2, "- {method: rtn, bits: 4, group_size: 32}")
+    full = write_compressed_tensors(model, tok, tmp_path / "f32")
+    half = write_compressed_tensors(model, tok, tmp_path / "f16", embedding_type="f16")
+    embedding = model.get_input_embeddings().weight
+    assert full["bytes"] - half["bytes"] == pytest.approx(2 * embedding.numel(), rel=1e-3)
+    with torch.no_grad():  # ours with the embedding rounded to float16 (tied: the head too)
+        embedding.copy_(embedding.half().float())
+        want = model(ids).logits
+    assert relative(reader_logits(READ_CT, [tmp_path / "f16", "packed"], ids, tmp_path),
+                    want) <= 1e-5
+    reloaded, _ = load_model(tmp_path / "f16")
+    with torch.no_grad():
+        assert relative(reloaded(ids).logits, want) <= 1e-5
+    with pytest.raises(ValueError, match="unknown embedding type 'q8_0'"):
+        write_compressed_tensors(model, tok, tmp_path / "q8", embedding_type="q8_0")
+
+
 def test_asymmetric_and_mixed_schemes_load_the_documented_way(smollm2, tmp_path):
     recipe = """
     - {method: rtn, bits: 3, group_size: 64, sym: false, targets: 'model\\.layers\\.[0-9]\\..*'}
@@ -245,6 +263,7 @@ def test_what_a_gguf_type_cannot_carry_is_an_error_unless_requantized(smollm2, t
         info = write_gguf(model, tok_dir, tmp_path / "a.gguf", "auto", requantize=True)
     assert info["requantized"] == ["model.layers.0.self_attn.q_proj"]
     assert info["layers"]["exact:q4_1"] == 6
+    assert 0 < info["q4_1_offset_error"] < 1e-3  # Q4_1's fp16 offsets, reported
     theirs = reader_logits(READ_GGUF, [tmp_path / "a.gguf"], ids, tmp_path)
     assert 0 < relative(theirs, logits) < 0.05
     info = write_gguf(model, tok_dir, tmp_path / "f.gguf", "f32", embedding_type="f32")

@@ -20,7 +20,7 @@ EXPORT_HELP = (
     "format; transformers loads it with AutoModelForCausalLM.from_pretrained(OUT) (asymmetric "
     "grids: pass quantization_config=CompressedTensorsConfig(dequantize=True)). Low-rank parts "
     "beside quantised weights (eora, lowrank_first) go to the PEFT adapter OUT/adapter; pruned "
-    "weights are zeros inside the tensors.\n\n"
+    "weights are zeros inside the tensors; --embedding-type f16 halves the token embedding.\n\n"
     "--format gguf: OUT is the .gguf file (llama architecture). --gguf-type auto keeps every "
     "quantised layer's integers exactly (Q4_0 / Q4_1 / Q8_0, scales rounded to fp16: quantise with "
     "fp16_scales: true for a bit-exact file) and writes other layers in F16; q4_0 / q4_1 / q8_0 "
@@ -39,9 +39,10 @@ def export_command(
                                                       "unless --overwrite."),
     gguf_type: str = typer.Option("auto", "--gguf-type", help="auto, q4_0, q4_1, q8_0, f16 or "
                                                               "f32 (gguf only)."),
-    embedding_type: str = typer.Option("q8_0", "--embedding-type",
-                                       help="Token embedding (and untied output head) type: f32, "
-                                            "f16, q8_0 or q4_0 (gguf only)."),
+    embedding_type: str = typer.Option(None, "--embedding-type",
+                                       help="Token embedding (and untied output head) type: "
+                                            "f32, f16, q8_0 or q4_0 for gguf (default q8_0); f32 "
+                                            "(default) or f16 for compressed-tensors."),
     requantize: bool = typer.Option(False, "--requantize", help="gguf: re-quantise by "
                                     "round-to-nearest the layers the type cannot carry exactly "
                                     "(folding their low-rank parts in) instead of failing."),
@@ -49,13 +50,20 @@ def export_command(
                                    "slimtune wrote)."),
 ) -> None:
     """Validate, load, write with the format's writer, print what was written."""
+    from slimtune.export.compressed_tensors import EMBEDDING_DTYPES
     from slimtune.export.gguf import check_gguf_args, check_llama, estimate_bytes
     from slimtune.models import model_skeleton, weights_bytes
 
     if fmt not in FORMATS:
         fail(f"--format: unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    if fmt != "gguf" and (gguf_type != "auto" or embedding_type != "q8_0" or requantize):
-        fail("--gguf-type, --embedding-type and --requantize apply to --format gguf only")
+    if fmt != "gguf" and (gguf_type != "auto" or requantize):
+        fail("--gguf-type and --requantize apply to --format gguf only")
+    if fmt == "hf" and embedding_type is not None:
+        fail("--embedding-type applies to --format gguf and compressed-tensors only")
+    if fmt == "compressed-tensors" and embedding_type not in (None, *EMBEDDING_DTYPES):
+        fail(f"--embedding-type: compressed-tensors stores the embedding in "
+             f"{' or '.join(EMBEDDING_DTYPES)}, got {embedding_type!r}")
+    embedding_type = embedding_type or ("q8_0" if fmt == "gguf" else "f32")
     check_model(model)
     if fmt == "gguf":
         try:
@@ -86,6 +94,10 @@ def export_command(
         stdout.print(f"warning: {w.message}", markup=False, highlight=False)
     stdout.print(f"exported {model} as {fmt} -> {out} ({result['bytes'] / 1e6:.1f} MB)",
                  markup=False, highlight=False)
+    if result.get("q4_1_offset_error") is not None:
+        stdout.print(f"Q4_1 stores scales and offsets in float16: they move a weight by at most "
+                     f"{result['q4_1_offset_error']:.2e} of its layer's largest weight",
+                     markup=False, highlight=False)
     print(json.dumps(result))  # one line a script can parse
 
 
@@ -94,7 +106,8 @@ def _write(fmt, lm, tokenizer, model, out, gguf_type, embedding_type, requantize
         if fmt == "compressed-tensors":
             from slimtune.export.compressed_tensors import write_compressed_tensors
 
-            return write_compressed_tensors(lm, tokenizer, out, overwrite=overwrite)
+            return write_compressed_tensors(lm, tokenizer, out, overwrite=overwrite,
+                                            embedding_type=embedding_type)
         if fmt == "gguf":
             import tempfile
 

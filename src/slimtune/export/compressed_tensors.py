@@ -18,6 +18,10 @@ listed in ``ignore``; so is ``lm_head`` when it is tied to the embedding. One qu
 gives one config group targeting ``Linear`` (what llm-compressor writes); several schemes give
 one group per scheme listing its layers by name.
 
+``embedding_type="f16"`` stores the token embedding (and an untied output head) in float16, half
+of its float32 bytes (SmolLM2-135M: 113 -> 57 MB); the format has no quantised embedding that
+transformers' loader reads in every mode, so there is no 8- or 4-bit choice here.
+
 Low-rank parts beside quantised bases go to a PEFT LoRA adapter in ``OUT/adapter/``:
 ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(OUT), OUT/adapter)``.
 """
@@ -90,10 +94,26 @@ def _plain_state(model: nn.Module, factored: set[str], tied: set[str]) -> dict[s
             if not k.startswith(prefixes) and k not in tied}
 
 
+EMBEDDING_DTYPES = {"f32": torch.float32, "f16": torch.float16}
+
+
+def embedding_keys(model: nn.Module) -> list[str]:
+    """State-dict keys of the token embedding and of an output head that is not tied to it."""
+    names = {id(m): n for n, m in model.named_modules()}
+    modules = [model.get_input_embeddings(), model.get_output_embeddings()]
+    return sorted({f"{names[id(m)]}.weight" for m in modules if m is not None})
+
+
 @torch.no_grad()
 def write_compressed_tensors(model: nn.Module, tokenizer, out: str | os.PathLike,
-                             overwrite: bool = False) -> dict:
-    """Write ``model`` to the directory ``out`` (atomically); returns what was written."""
+                             overwrite: bool = False, embedding_type: str = "f32") -> dict:
+    """Write ``model`` to the directory ``out`` (atomically); returns what was written.
+
+    ``embedding_type``: ``"f16"`` stores the token embedding (and an untied output head) in
+    float16 (transformers casts it to the model's dtype when loading), ``"f32"`` as it is."""
+    if embedding_type not in EMBEDDING_DTYPES:
+        raise ValueError(f"{FORMAT_NAME}: unknown embedding type {embedding_type!r}; choose one "
+                         f"of {', '.join(EMBEDDING_DTYPES)}")
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -104,6 +124,10 @@ def write_compressed_tensors(model: nn.Module, tokenizer, out: str | os.PathLike
     qconfig = quantization_config(layers, sorted(set(dense)))
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     state = _plain_state(model, set(layers), tied)
+    if embedding_type != "f32":
+        for key in embedding_keys(model):
+            if key in state:  # a tied head is not saved
+                state[key] = state[key].to(EMBEDDING_DTYPES[embedding_type])
     for name, d in layers.items():
         if d.quant is not None:
             state.update(quant_tensors(name, d.quant, dtype))
@@ -130,6 +154,7 @@ def write_compressed_tensors(model: nn.Module, tokenizer, out: str | os.PathLike
     quantised = sum(d.quant is not None for d in layers.values())
     return {"path": str(out), "quantised_layers": quantised, "dense_layers": len(dense),
             "schemes": len(qconfig["config_groups"]), "adapter_layers": len(adapter),
+            "embedding_type": embedding_type,
             "asymmetric": any(d.quant is not None and not d.quant.spec.sym
                               for d in layers.values()),
             "bytes": sum(f.stat().st_size for f in out.rglob("*") if f.is_file())}

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from slimtune.export.deploy_layers import DeployError, DeployLayer, deploy_layers
 from slimtune.export.gguf_tokenizer import add_tokenizer, gguf_tokenizer
 from slimtune.io.atomic import atomic_file
-from slimtune.weights.ggml_blocks import blocks, carrier_error, exact_carrier
+from slimtune.weights.ggml_blocks import blocks, carrier_error, exact_carrier, q4_1_offset_error
 
 GGUF_TYPES = ("auto", "q4_0", "q4_1", "q8_0", "f16", "f32")
 EMBEDDING_TYPES = ("f32", "f16", "q8_0", "q4_0")
@@ -190,7 +190,8 @@ def write_gguf(model: nn.Module, tokenizer_dir: str | os.PathLike, out: str | os
                overwrite: bool = False) -> dict:
     """Write ``model`` (a LlamaForCausalLM, compressed or not) to the ``.gguf`` file ``out``
     atomically; returns what each layer became and the file size. Everything is checked before
-    the file is opened."""
+    the file is opened. ``q4_1_offset_error`` (None without Q4_1 layers): the largest change
+    Q4_1's float16 scale and offset make to a weight, relative to its layer's largest weight."""
     import gguf
 
     check_gguf_args(gguf_type, embedding_type)
@@ -212,6 +213,8 @@ def write_gguf(model: nn.Module, tokenizer_dir: str | os.PathLike, out: str | os
     if rtn:
         warnings.warn(f"GGUF {gguf_type}: {len(rtn)} quantised layer(s) re-quantised by "
                       f"round-to-nearest (e.g. {rtn[0]}); measure the perplexity change")
+    q4_1 = [layers[n].quant for n, how in plan.items() if how == "exact:q4_1"]
+    offset_error = max((q4_1_offset_error(q.q, q.scale, q.zero) for q in q4_1), default=None)
     tied = getattr(config, "tie_word_embeddings", False)
     kinds = Counter((how.partition(":")[2] or how) for how in plan.values())
     with atomic_file(out) as tmp:
@@ -251,4 +254,5 @@ def write_gguf(model: nn.Module, tokenizer_dir: str | os.PathLike, out: str | os
         writer.write_tensors_to_file()
         writer.close()
     return {"path": str(out), "bytes": out.stat().st_size, "layers": dict(Counter(plan.values())),
-            "requantized": rtn, "embedding_type": embedding_type}
+            "requantized": rtn, "embedding_type": embedding_type,
+            "q4_1_offset_error": offset_error}
