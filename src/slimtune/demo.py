@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def add_perplexity_rows(label: str, megabytes: float | None = None, lm=None) -> None:
         for data, ids in test_ids.items():
-            res = perplexity(lm or model, ids, seqlen=args.seqlen, max_tokens=args.max_tokens)
+            res = perplexity(model if lm is None else lm, ids, seqlen=args.seqlen, max_tokens=args.max_tokens)
             table.add_row(label, f"{data} test ({res['tokens']:,} scored)",
                           f"{res['perplexity']:.2f}", f"{res['tokens_per_s']:.0f}",
                           "-" if megabytes is None else f"{megabytes:.0f}", "-", "-", "-")
@@ -142,8 +142,6 @@ def export_gguf_base(model, tok, out: Path, console: Console) -> dict:
     """Write ``model``'s quantised bases (its low-rank parts left out) to the GGUF file ``out``
     and load it back with transformers' own GGUF loader (``gguf_file=``, dequantised to float32).
     ``model`` is unchanged. Returns the writer's report with the loaded ``model``."""
-    import tempfile
-
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -151,10 +149,8 @@ def export_gguf_base(model, tok, out: Path, console: Console) -> dict:
     try:
         for name in parts:
             model.get_submodule(name).lowrank = None
-        with tempfile.TemporaryDirectory() as tok_dir:
-            tok.save_pretrained(tok_dir)
-            t = time.perf_counter()
-            report = write_gguf(model, tok_dir, out, overwrite=True)
+        t = time.perf_counter()
+        report = write_gguf(model, tok, out, overwrite=True)
     finally:
         for name, part in parts.items():
             model.get_submodule(name).lowrank = part

@@ -4,8 +4,9 @@
   hook that makes it wait at a named point (``slimtune.io.atomic.fault_point``: the final rename
   of the directory ``out``, ``final-rename:<name>``), sends it a signal there and waits for it.
 - :func:`snapshot` (relative path -> sha256 of every file under a directory, marker and volatile
-  files left out; an output that is one file: its name -> its sha256) and :func:`leftovers` (the ``.OUT.tmp-*`` / ``.OUT.old-*`` an interrupted
-  write leaves beside OUT) are what the tests compare.
+  files left out; an output that is one file: its name -> its sha256) and :func:`leftovers`
+  (the ``.OUT.tmp-*`` / ``.OUT.old-*`` an interrupted write leaves beside OUT) are what the
+  tests compare.
 - :func:`mount_tmpfs` mounts a small tmpfs (read-only or of a given size) where the kernel lets
   root do so, and says why not otherwise (the tests then skip with that reason).
 """

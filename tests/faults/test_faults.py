@@ -40,8 +40,13 @@ class Command:
     writes: bool = True
     overwrite: str = "--overwrite"              # how to rerun into an existing OUT
     slow: bool = False                          # its kill/interrupt cases only in make test-all
-    last_write: str = "out"                     # the name written last: the kill/interrupt point
     out_name: str = "out"                       # OUT's name in the workspace (gguf: a file)
+    last_write: str | None = None               # a file inside OUT written last, or None: OUT
+
+    @property
+    def final_rename(self) -> str:
+        """The fault point of the last write: the final rename of OUT or of that file."""
+        return f"final-rename:{self.last_write or self.out_name}"
 
     def with_model(self, args: list, model) -> list:
         """``args`` with ``model`` as the model (replacing ``-m X``, or added)."""
@@ -69,7 +74,7 @@ COMMANDS = [
                                        "compressed-tensors", "--out", out]),
     Command("export-gguf", lambda ws, out: ["export", "-m", "smollm2-135m", "--format", "gguf",
                                             "--out", out.with_suffix(".gguf")],
-            slow=True, last_write="out.gguf", out_name="out.gguf"),
+            slow=True, out_name="out.gguf"),
 ]
 WRITERS = [c for c in COMMANDS if c.writes]
 
@@ -161,11 +166,11 @@ def rerun(command: Command, ws: Workspace) -> list:
 @pytest.mark.parametrize("command", [marks(c, slow_case=True) for c in WRITERS])
 def test_sigkill_during_the_final_write_keeps_the_old_output(ws, command):
     before = first_output(ws, command)
-    proc = interrupt_at(rerun(command, ws), f"final-rename:{command.last_write}", signal.SIGKILL,
+    proc = interrupt_at(rerun(command, ws), command.final_rename, signal.SIGKILL,
                         ws.root)
     assert killed(proc)
     assert snapshot(ws.out) == before  # the old OUT, intact
-    target = ws.out if command.last_write == command.out_name else ws.out / command.last_write
+    target = ws.out / command.last_write if command.last_write else ws.out
     assert leftovers(target)  # the killed run's new copy, not yet in place
     again = cli(rerun(command, ws))
     assert again.returncode == 0, again.stderr
@@ -197,14 +202,14 @@ def test_sigkill_at_a_random_moment_loses_nothing(ws, command, seed):
     assert snapshot(ws.out) == before, f"killed after {delay:.2f} s"
     again = cli(rerun(command, ws))
     assert again.returncode == 0, again.stderr
-    target = ws.out if command.last_write == command.out_name else ws.out / command.last_write
+    target = ws.out / command.last_write if command.last_write else ws.out
     assert leftovers(target) == [] and snapshot(ws.out) == before
 
 
 @pytest.mark.parametrize("command", [marks(c, slow_case=True) for c in WRITERS])
 def test_sigint_during_the_final_write_is_one_error_line_and_leaves_nothing(ws, command):
     before = first_output(ws, command)
-    proc = interrupt_at(rerun(command, ws), f"final-rename:{command.last_write}", signal.SIGINT,
+    proc = interrupt_at(rerun(command, ws), command.final_rename, signal.SIGINT,
                         ws.root)
     assert proc.returncode == 130, proc.stderr
     assert error_lines(proc.stderr) == ["error: interrupted (unfinished outputs were not "

@@ -109,14 +109,10 @@ def _write(fmt, lm, tokenizer, model, out, gguf_type, embedding_type, requantize
             return write_compressed_tensors(lm, tokenizer, out, overwrite=overwrite,
                                             embedding_type=embedding_type)
         if fmt == "gguf":
-            import tempfile
-
             from slimtune.export.gguf import write_gguf
 
-            with tempfile.TemporaryDirectory() as tok_dir:
-                tokenizer.save_pretrained(tok_dir)
-                return write_gguf(lm, tok_dir, out, gguf_type, embedding_type, requantize,
-                                  overwrite)
+            return write_gguf(lm, tokenizer, out, gguf_type, embedding_type, requantize,
+                              overwrite)
         from slimtune.io.checkpoint import save_model
 
         save_model(lm, tokenizer, out, merge=True, overwrite=overwrite)

@@ -185,10 +185,11 @@ def _metadata(writer, config, file_type: int) -> None:
 
 
 @torch.no_grad()
-def write_gguf(model: nn.Module, tokenizer_dir: str | os.PathLike, out: str | os.PathLike,
+def write_gguf(model: nn.Module, tokenizer, out: str | os.PathLike,
                gguf_type: str = "auto", embedding_type: str = "q8_0", requantize: bool = False,
                overwrite: bool = False) -> dict:
-    """Write ``model`` (a LlamaForCausalLM, compressed or not) to the ``.gguf`` file ``out``
+    """Write ``model`` (a LlamaForCausalLM, compressed or not) and ``tokenizer`` (a loaded Hugging
+    Face tokenizer or the directory of its ``tokenizer.json``) to the ``.gguf`` file ``out``
     atomically; returns what each layer became and the file size. Everything is checked before
     the file is opened. ``q4_1_offset_error`` (None without Q4_1 layers): the largest change
     Q4_1's float16 scale and offset make to a weight, relative to its layer's largest weight."""
@@ -200,7 +201,7 @@ def write_gguf(model: nn.Module, tokenizer_dir: str | os.PathLike, out: str | os
         raise FileExistsError(f"{out} already exists (pass overwrite=True to replace it)")
     config = model.config
     check_llama(config)
-    tok = gguf_tokenizer(tokenizer_dir, config)
+    tok = gguf_tokenizer(tokenizer, config)
     fold = gguf_type in ("f16", "f32")
     layers = deploy_layers(model, f"GGUF {gguf_type}", fold=fold)
     for name, m in model.named_modules():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,10 +44,15 @@ def _pre_name(tokens: list[str]) -> str:
                      f"known here: {sorted(KNOWN_PRE)}")
 
 
-def gguf_tokenizer(tokenizer_dir: str | Path, config) -> GGUFTokenizer:
-    """The GGUF tokenizer of the ``tokenizer.json`` in ``tokenizer_dir``; special ids from the
-    model's ``config`` (bos / eos / unk / pad token ids)."""
-    path = Path(tokenizer_dir) / "tokenizer.json"
+def gguf_tokenizer(tokenizer, config) -> GGUFTokenizer:
+    """The GGUF tokenizer of the ``tokenizer.json`` in the directory ``tokenizer`` (or of a loaded
+    Hugging Face tokenizer, saved to a temporary directory to get that file); special ids from
+    the model's ``config`` (bos / eos / unk / pad token ids)."""
+    if hasattr(tokenizer, "save_pretrained"):
+        with tempfile.TemporaryDirectory() as folder:
+            tokenizer.save_pretrained(folder)
+            return gguf_tokenizer(folder, config)
+    path = Path(tokenizer) / "tokenizer.json"
     if not path.is_file():
         raise ValueError(f"GGUF: {path} not found (the exported model needs its tokenizer.json)")
     data = json.loads(path.read_text())
@@ -73,11 +79,11 @@ def gguf_tokenizer(tokenizer_dir: str | Path, config) -> GGUFTokenizer:
     special = {k: int(v) for k in ("bos", "eos", "unk", "pad")
                if isinstance(v := getattr(config, f"{k}_token_id", None), int)}
     template = None
-    tc = Path(tokenizer_dir) / "chat_template.jinja"
+    tc = Path(tokenizer) / "chat_template.jinja"
     if tc.is_file():
         template = tc.read_text()
     else:
-        cfg = Path(tokenizer_dir) / "tokenizer_config.json"
+        cfg = Path(tokenizer) / "tokenizer_config.json"
         if cfg.is_file():
             template = json.loads(cfg.read_text()).get("chat_template")
     return GGUFTokenizer(tokens, types, merges, _pre_name(tokens), special, False, template)
