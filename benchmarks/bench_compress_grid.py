@@ -134,7 +134,7 @@ def run_ours(row: dict, args) -> dict:
 
     res = run_info(row, args)
     res.update(recipe=row["recipe"], batch_size=BATCH_SIZE, threads=torch.get_num_threads(),
-               sequential=args.sequential)
+               sequential=args.sequential, stats_precision_option=args.stats_precision)
     model, tok = load_model(MODEL)
     n = res["windows"]
     windows = calibration_windows(tok, "ptb", "train", n, args.seqlen, seed=args.calib_seed)
@@ -150,9 +150,10 @@ def run_ours(row: dict, args) -> dict:
     start = time.perf_counter()
     order = None if args.sequential == "auto" else args.sequential
     report = run_pipeline(model, windows, steps, batch_size=BATCH_SIZE, progress=False,
-                          sequential=order) if steps else None
+                          sequential=order, stats_precision=args.stats_precision) if steps else None
     if report:
         res["sequential"] = report["sequential"]
+        res["stats_precision"] = [e["stats_precision"] for e in report["steps"]]
     res["compress_seconds"] = time.perf_counter() - start
     res["compress_peak_rss_mb"] = peak_rss_mb()
     names = (sorted({x for e in report["steps"] for x in e["layers"]}) if report
@@ -295,6 +296,9 @@ def main() -> None:
     ap.add_argument("--sequential", choices=("auto", "layer", "block"), default="auto",
                     help="run_pipeline's order (own rows; auto: the steps' choice, recorded per "
                     "row; use another --out-dir for a forced order)")
+    ap.add_argument("--stats-precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                    help="run_pipeline's block-order statistics forward (own rows; the choice "
+                    "per step is recorded per row)")
     ap.add_argument("--calib-seed", type=int, default=0,
                     help="seed of the calibration windows (use one --out-dir per seed)")
     ap.add_argument("--skip-peer", action="store_true", help="leave out the llm-compressor rows")
@@ -323,6 +327,7 @@ def main() -> None:
                    "--windows", str(args.windows), "--seqlen", str(args.seqlen), "--threads",
                    str(args.threads), "--eval-tokens", str(args.eval_tokens),
                    "--out-dir", str(args.out_dir), "--sequential", args.sequential,
+                   "--stats-precision", args.stats_precision,
                    "--calib-seed", str(args.calib_seed)]
             ok = run_logged(cmd, args, row)
         else:

@@ -9,6 +9,8 @@ next block's inputs. Only one block's inputs and outputs are alive at a time.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import ctypes
 import weakref
 from functools import partial
@@ -20,6 +22,7 @@ from slimtune.layers import FactoredLinear
 from slimtune.weights.stats import InputStatistics
 
 STATS_CHUNK = 1024  # tokens per InputStatistics.update (its float64 copies are chunk × in)
+STATS_CHUNK_LOW = 4096  # the same with bfloat16 products (no float64 copies; faster in larger ones)
 STAT_KINDS = frozenset({"gram", "mean_abs"})  # the needs served by InputStatistics: X^T X; sum |x|
 
 
@@ -52,6 +55,18 @@ def keep_heap() -> bool:
                     and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
     except (OSError, AttributeError):
         return False
+
+
+def fast_bfloat16(device: torch.device | str) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices natively (CUDA with bfloat16 support; a CPU
+    with AMX tiles or AVX-512 BF16), so that a bfloat16 statistics pass is faster than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return any(getattr(torch.cpu, f, lambda: False)()
+                   for f in ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+    return False
 
 
 class UnsupportedArchitectureError(ValueError):
@@ -139,10 +154,12 @@ class SameInput:
 
 
 def update_statistics(stats: dict, seen: SameInput, name: str, kinds: frozenset,
-                      dtype: torch.dtype, x: torch.Tensor) -> None:
+                      dtype: torch.dtype, x: torch.Tensor,
+                      product_dtype: torch.dtype | None = None) -> None:
     """Add the input ``x`` of layer ``name`` to ``stats[name]`` in chunks (bounds the float64
     copies); ``kinds`` ⊆ {"gram", "mean_abs"} says what a new statistics object tracks (see
-    :data:`STAT_KINDS`). Linears fed the very same tensor in one block call share one object."""
+    :data:`STAT_KINDS`), ``dtype`` / ``product_dtype`` what it accumulates / multiplies in.
+    Linears fed the very same tensor in one block call share one object."""
     shared = seen.lookup(x)
     if shared is not None:
         if stats.setdefault(name, shared) is not shared:
@@ -152,14 +169,15 @@ def update_statistics(stats: dict, seen: SameInput, name: str, kinds: frozenset,
     flat = x.reshape(-1, x.shape[-1])
     if name not in stats:
         stats[name] = InputStatistics(flat.shape[-1], dtype, flat.device,
-                                      track_gram="gram" in kinds, track_abs="mean_abs" in kinds)
-    for chunk in flat.split(STATS_CHUNK):
+                                      track_gram="gram" in kinds, track_abs="mean_abs" in kinds,
+                                      product_dtype=product_dtype)
+    for chunk in flat.split(STATS_CHUNK if product_dtype is None else STATS_CHUNK_LOW):
         stats[name].update(chunk)
     seen.remember(x, stats[name])
 
 
-def _hook(stats, seen, name, kinds, dtype, reached, stop, module, args) -> None:
-    update_statistics(stats, seen, name, kinds, dtype, args[0])
+def _hook(stats, seen, name, kinds, dtype, product_dtype, reached, stop, module, args) -> None:
+    update_statistics(stats, seen, name, kinds, dtype, args[0], product_dtype)
     reached.add(name)
     if stop and len(reached) == stop:
         raise _Stop  # every hooked input of this batch is in: the rest of the block is not needed
@@ -198,34 +216,47 @@ class BlockRunner:
         self.outs = torch.empty_like(self.inps)
 
     def run(self, i: int, what: str, hooks: dict | None = None, keep: bool = False,
-            stats_dtype: torch.dtype = torch.float64) -> dict:
+            stats_dtype: torch.dtype = torch.float64, precision: torch.dtype | None = None) -> dict:
         """Run block i over all windows with ``hooks`` ({name: kinds}, see :data:`STAT_KINDS`);
         outputs to ``outs``.
 
         Every statistics object of this run tracks what any hooked layer needs (shared statistics
         must serve every sharer); they accumulate in ``stats_dtype``. Without ``keep`` a batch's
         forward stops as soon as every hooked layer has had its input (e.g. before a Llama
-        block's down projection and residual add).
+        block's down projection and residual add). ``precision=torch.bfloat16`` (a statistics
+        run only): a bfloat16 copy of the block runs under autocast and the Gram products are
+        bfloat16 (:func:`fast_bfloat16` says where that is faster); the block itself is untouched.
         """
+        if precision not in (None, torch.bfloat16):
+            raise ValueError(f"precision must be None or torch.bfloat16, got {precision}")
+        if precision is not None and keep:
+            raise ValueError("a bfloat16 run is for statistics only: its outputs are not kept")
         stats, seen, reached, handles = {}, SameInput(), set(), []
         kinds = frozenset().union(*(hooks or {}).values())
         stop = 0 if keep else len(hooks or {})
+        block = self.blocks[i]
+        if precision is not None:
+            self.blocks[i] = copy.deepcopy(block).to(precision)
         for name in hooks or {}:
-            hook = partial(_hook, stats, seen, name, kinds, stats_dtype, reached, stop)
+            hook = partial(_hook, stats, seen, name, kinds, stats_dtype, precision, reached, stop)
             handles.append(self.model.get_submodule(name).register_forward_pre_hook(hook))
         self.bar.reset(self.task, total=len(self.inps), description=f"block {i}: {what}")
+        autocast = (torch.autocast(self.inps.device.type, dtype=precision)
+                    if precision is not None else contextlib.nullcontext())
         try:
             for s in range(0, len(self.inps), self.bs):
                 seen.clear()
                 reached.clear()
                 try:
-                    self.forward(i, s, keep)
+                    with autocast:
+                        self.forward(i, s, keep)
                 except _Stop:
                     pass
                 self.bar.advance(self.task, min(self.bs, len(self.inps) - s))
         finally:
             for handle in handles:
                 handle.remove()
+            self.blocks[i] = block
         return stats
 
     def forward(self, i: int, s: int, keep: bool = True) -> None:

@@ -47,8 +47,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from slimtune.calib.blocks import (STAT_KINDS, BlockRunner, dense_weight, find_blocks, keep_heap,
-                                  trim_heap)
+from slimtune.calib.blocks import (STAT_KINDS, BlockRunner, dense_weight, fast_bfloat16,
+                                  find_blocks, keep_heap, trim_heap)
 from slimtune.calib.checks import (NEEDS, check_finite, hooks_for, validate_steps,
                                    warn_small_calibration)
 from slimtune.calib.fisher import fisher_diagonals
@@ -82,7 +82,10 @@ class BlockStep(Protocol):
     Optional ``prepare(model, names)``: called once before the block walk with the step's
     targets inside the blocks (e.g. one global threshold over all of them).
     Optional ``sequential``: ``"block"`` when the step's results were measured better with its
-    statistics taken on the unmodified block (see :func:`choose_sequential`); else ``"layer"``."""
+    statistics taken on the unmodified block (see :func:`choose_sequential`); else ``"layer"``.
+    Optional ``stats_precision``: ``"bfloat16"`` when its results were measured unchanged with
+    its block-order statistics forward in bfloat16 (:func:`stats_precision_for`); else
+    ``"float32"``."""
 
     targets: Targets
     needs: frozenset[str]
@@ -92,6 +95,19 @@ class BlockStep(Protocol):
 
 SEQUENTIAL = ("layer", "block")
 HEAP = ("trim", "keep", "default")
+STATS_PRECISION = ("auto", "float32", "bfloat16")
+
+
+def stats_precision_for(step, option: str, device) -> torch.dtype | None:
+    """The dtype of ``step``'s block-order statistics forward: bfloat16 for ``option="bfloat16"``,
+    float32 (None) for ``"float32"``; ``"auto"``: bfloat16 when the step allows it
+    (``step.stats_precision``) and ``device`` multiplies bfloat16 natively
+    (:func:`~slimtune.calib.blocks.fast_bfloat16`). The block's outputs, which carry the
+    compression error to the next block, are always computed in the model's dtype."""
+    if option == "bfloat16" or (option == "auto" and fast_bfloat16(device) and
+                                getattr(step, "stats_precision", "float32") == "bfloat16"):
+        return torch.bfloat16
+    return None
 
 
 def choose_sequential(steps) -> str:
@@ -108,14 +124,16 @@ def choose_sequential(steps) -> str:
 
 
 def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int = 2,
-                 progress: bool = True, heap: str = "trim", sequential: str | None = None) -> dict:
+                 progress: bool = True, heap: str = "trim", sequential: str | None = None,
+                 stats_precision: str = "auto") -> dict:
     """Compress ``model`` in place block by block with ``steps`` (see the module docstring).
 
     ``sequential="layer"``: one forward per block, each target getting all its steps once every
     batch has reached it (:mod:`slimtune.calib.staged`); ``"block"``: per step a forward
     collecting the statistics of all the block's targets, then one for the block's outputs
     (less memory: one batch's activations alive instead of all batches'); ``None`` (default):
-    :func:`choose_sequential` of the steps. Blocks after the
+    :func:`choose_sequential` of the steps. ``stats_precision``: the block order's statistics
+    forwards (:func:`stats_precision_for`; the per-step choice is reported). Blocks after the
     last one in which a step reads calibration inputs (``"gram"``/``"mean_abs"``) are not run:
     their steps are applied directly (a data-free recipe such as RTN or magnitude runs no
     forward at all).
@@ -129,7 +147,8 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
     (BENCHMARKS.md, pipeline memory).
 
     Returns ``{"blocks", "n_blocks", "windows", "steps": [{"step", "kind", "layers" (names
-    applied), "replaced" (names whose module changed), "outside_blocks" (matched names not in a
+    applied), "replaced" (names whose module changed), "stats_precision" ("bfloat16" /
+    "float32" for a block-order statistics forward, else None), "outside_blocks" (matched names not in a
     block: left alone), "fallbacks" ({name: message} of the layers whose apply needed a numerical
     fallback, e.g. extra damping; summarised in one warning), "seconds" (its applies),
     "peak_rss_mb"}], "sequential", "capture_seconds", "fisher_seconds", "measure_seconds",
@@ -145,6 +164,9 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
     steps = list(steps)
     if heap not in HEAP:
         raise ValueError(f"heap must be one of {HEAP}, got {heap!r}")
+    if stats_precision not in STATS_PRECISION:
+        raise ValueError(f"stats_precision must be one of {STATS_PRECISION}, "
+                         f"got {stats_precision!r}")
     if sequential is None:
         sequential = choose_sequential(steps)
     elif sequential not in SEQUENTIAL:
@@ -163,6 +185,7 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
     warn_small_calibration(model, steps, per_step, windows)
     report = {"blocks": prefix, "n_blocks": len(blocks), "windows": list(windows.shape),
               "steps": [{"step": k, "kind": type(s).__name__, "layers": [], "replaced": [],
+                         "stats_precision": None,
                          "outside_blocks": [n for n in match_targets(model, s.targets)
                                             if not n.startswith(prefix + ".")],
                          "fallbacks": {}, "seconds": 0.0, "peak_rss_mb": 0.0}
@@ -248,8 +271,12 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
                 continue
             t = time.perf_counter()
             hooks = hooks_for([(by_block[i], needs)])
+            precision = stats_precision_for(step, stats_precision, walker.inps.device)
+            if hooks:
+                report["steps"][k]["stats_precision"] = str(precision or torch.float32)[6:]
             inputs = (walker.run(i, f"step {k} stats", hooks,
-                                 stats_dtype=getattr(step, "stats_dtype", torch.float64))
+                                 stats_dtype=getattr(step, "stats_dtype", torch.float64),
+                                 precision=precision)
                       if hooks else {})
             report["forward_seconds"] += time.perf_counter() - t
             for name in by_block[i]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 GRAM_BLOCK = 128  # rows of X^T X per product: only blocks on or above the diagonal are computed
+GRAM_BLOCK_LOW = 256  # the same with 16-bit products (faster in larger blocks)
 
 
 class InputStatistics:
@@ -27,17 +28,26 @@ class InputStatistics:
     the diagonal (``GRAM_BLOCK`` rows at a time; about 70% of the time of the full product on 2
     cores); :meth:`gram` returns the full symmetric matrix, and ``sq_sum`` is its diagonal when
     it is tracked (no separate pass over the inputs).
+
+    ``product_dtype`` (default: ``dtype``) is the dtype the Gram's products are computed in:
+    ``torch.bfloat16`` rounds each chunk of inputs to bfloat16 and adds the bfloat16 product
+    blocks into the ``dtype`` sums (3-4x faster where the hardware multiplies bfloat16 natively,
+    e.g. CPUs with AMX; for damped-Hessian methods, whose damping dwarfs the rounding).
     """
 
     def __init__(self, n_features: int, dtype: torch.dtype = torch.float64,
                  device: torch.device | str | None = None, track_gram: bool = True,
-                 track_abs: bool = True):
+                 track_abs: bool = True, product_dtype: torch.dtype | None = None):
         if n_features < 1:
             raise ValueError(f"n_features must be >= 1, got {n_features}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        product_dtype = dtype if product_dtype is None else product_dtype
+        if product_dtype not in (dtype, torch.bfloat16):
+            raise ValueError(f"product_dtype must be the accumulation dtype {dtype} or "
+                             f"torch.bfloat16, got {product_dtype}")
         self.n_features = n_features
-        self.dtype = dtype
+        self.dtype, self.product_dtype = dtype, product_dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.gram_sum = (torch.zeros(n_features, n_features, dtype=dtype, device=self.device)
                          if track_gram else None)
@@ -57,16 +67,27 @@ class InputStatistics:
         """Add a batch of inputs ``x`` of shape ``[..., n_features]`` (every leading index is a token)."""
         if x.shape[-1] != self.n_features:
             raise ValueError(f"expected last dim {self.n_features}, got shape {tuple(x.shape)}")
-        tokens = x.detach().reshape(-1, self.n_features).to(device=self.device, dtype=self.dtype)
-        if self.gram_sum is not None:  # the upper block triangle only: X^T X is symmetric
-            for i in range(0, self.n_features, GRAM_BLOCK):
-                self.gram_sum[i:i + GRAM_BLOCK, i:].addmm_(tokens[:, i:i + GRAM_BLOCK].mT,
-                                                           tokens[:, i:])
+        flat = x.detach().reshape(-1, self.n_features).to(self.device)
+        low = self.gram_sum is not None and self.product_dtype != self.dtype
+        tokens = None if low and self.abs_sum is None else flat.to(self.dtype)
+        if self.gram_sum is not None:
+            self._add_gram(flat.to(self.product_dtype) if low else tokens)
         if self.abs_sum is not None:
             self.abs_sum += tokens.abs().sum(dim=0)
         if self._sq_sum is not None:
             self._sq_sum += tokens.square().sum(dim=0)
-        self.n_tokens += tokens.shape[0]
+        self.n_tokens += flat.shape[0]
+
+    def _add_gram(self, tokens: torch.Tensor) -> None:
+        """Add ``tokens^T tokens`` (in their dtype) to the upper block triangle of the sums."""
+        if tokens.dtype == self.dtype:
+            for i in range(0, self.n_features, GRAM_BLOCK):
+                self.gram_sum[i:i + GRAM_BLOCK, i:].addmm_(tokens[:, i:i + GRAM_BLOCK].mT,
+                                                           tokens[:, i:])
+            return
+        for i in range(0, self.n_features, GRAM_BLOCK_LOW):
+            self.gram_sum[i:i + GRAM_BLOCK_LOW, i:] += torch.mm(
+                tokens[:, i:i + GRAM_BLOCK_LOW].mT, tokens[:, i:])
 
     def _require_tokens(self) -> None:
         if self.n_tokens == 0:

@@ -88,11 +88,13 @@ class PruneStep:
     """Pipeline step: prune each target's dense weight with ``prune`` and store the mask."""
 
     def __init__(self, method: str, config: PruneConfig, needs: frozenset[str], prune: Prune,
-                 prepare: Callable | None = None, sequential: str = "layer"):
+                 prepare: Callable | None = None, sequential: str = "layer",
+                 stats_precision: str = "float32"):
         self.method, self.config, self.prune = method, config, prune
         self.targets, self.needs = config.targets, frozenset(needs)
         self.sequential = sequential  # the statistics order the pipeline runs by default
         self.stats_dtype = torch.float32  # X^T X for a damped Hessian (llm-compressor: float32)
+        self.stats_precision = stats_precision  # the lowest its block-order forward may use
         self.report: dict[str, dict] = {}
         if prepare is not None:
             self.prepare = prepare

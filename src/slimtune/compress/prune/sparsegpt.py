@@ -64,7 +64,8 @@ def build(config: SparseGPTConfig) -> PruneStep:
                            config.damp, factor=f)
         return result.weight, result.mask, {"damp": result.damp_used, "loss": result.error}
 
-    return PruneStep("sparsegpt", config, NEEDS, prune, sequential="block")
+    return PruneStep("sparsegpt", config, NEEDS, prune, sequential="block",
+                     stats_precision="bfloat16")
 
 
 METHODS.register("sparsegpt", SparseGPTConfig, build=build, check_layer=check_layer)
