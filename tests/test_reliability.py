@@ -98,7 +98,8 @@ def test_compress_calibrates_on_a_text_file(tmp_path, book):
                                  "--out", str(out)])
     assert result.exit_code == 0, result.output
     saved = json.loads((out / "slimtune.json").read_text())["calibration"]
-    assert saved == {"data": str(book), "n": 4, "seqlen": 64, "seed": 0}
+    assert saved == {"data": str(book), "n": 4, "seqlen": 64, "seed": 0, "sequential": "layer",
+                     "stats_precision": [None]}
     tok = load_model("minilm-l6")[1]
     assert calibration_windows(tok, str(book), "train", 4, 64, 0).shape == (4, 64)
 

@@ -118,3 +118,32 @@ def test_fisher_diagonal():
     torch.testing.assert_close(fisher.row_importance(), expected.sum(1))
     with pytest.raises(ValueError, match="shape"):
         fisher.update(torch.randn(3, 4))
+
+
+def test_bfloat16_products_round_only_the_inputs():
+    """product_dtype=bfloat16: the Gram is the float32-accumulated Gram of the bfloat16-rounded
+    inputs (not a bfloat16 matmul's rounded result); sum |x| stays exact; the process's matmul
+    precision is restored afterwards."""
+    n = 300  # more than one 256-row product block
+    xs = batches([(700,), (5000,)], n, seed=3)
+    stats = InputStatistics(n, dtype=torch.float32, product_dtype=torch.bfloat16)
+    exact = InputStatistics(n, dtype=torch.float64)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    for x in xs:
+        stats.update(x)
+        exact.update(x)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    rounded = torch.cat(xs).bfloat16().double()
+    gram = stats.gram()
+    assert gram.dtype == torch.float32 and stats.n_tokens == exact.n_tokens == 5700
+    assert torch.equal(gram, gram.mT)
+    assert rel_err(gram.double(), rounded.mT @ rounded) < 1e-5
+    assert 1e-5 < rel_err(gram.double(), exact.gram()) < 4e-3  # bfloat16's rounding of x
+    assert rel_err(stats.mean_abs().double(), exact.mean_abs()) < 1e-6
+    for dtype, product in ((torch.float32, torch.float16), (torch.float64, torch.bfloat16)):
+        with pytest.raises(ValueError, match="product_dtype"):
+            InputStatistics(n, dtype=dtype, product_dtype=product)
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())

@@ -22,7 +22,7 @@ from slimtune.layers import FactoredLinear
 from slimtune.weights.stats import InputStatistics
 
 STATS_CHUNK = 1024  # tokens per InputStatistics.update (its float64 copies are chunk × in)
-STATS_CHUNK_LOW = 4096  # the same with bfloat16 products (no float64 copies; faster in larger ones)
+STATS_CHUNK_LOW = 4096  # the same with bfloat16 products (float32 copies; faster in larger ones)
 STAT_KINDS = frozenset({"gram", "mean_abs"})  # the needs served by InputStatistics: X^T X; sum |x|
 
 
@@ -224,8 +224,10 @@ class BlockRunner:
         must serve every sharer); they accumulate in ``stats_dtype``. Without ``keep`` a batch's
         forward stops as soon as every hooked layer has had its input (e.g. before a Llama
         block's down projection and residual add). ``precision=torch.bfloat16`` (a statistics
-        run only): a bfloat16 copy of the block runs under autocast and the Gram products are
-        bfloat16 (:func:`fast_bfloat16` says where that is faster); the block itself is untouched.
+        run only): a bfloat16 copy of the block runs under autocast and, for float32 statistics,
+        the Gram's products take bfloat16 inputs (accumulating in float32;
+        :class:`~slimtune.weights.stats.InputStatistics`); :func:`fast_bfloat16` says where that
+        is faster. The block itself is untouched.
         """
         if precision not in (None, torch.bfloat16):
             raise ValueError(f"precision must be None or torch.bfloat16, got {precision}")
@@ -234,11 +236,12 @@ class BlockRunner:
         stats, seen, reached, handles = {}, SameInput(), set(), []
         kinds = frozenset().union(*(hooks or {}).values())
         stop = 0 if keep else len(hooks or {})
+        product = precision if stats_dtype == torch.float32 else None
         block = self.blocks[i]
         if precision is not None:
             self.blocks[i] = copy.deepcopy(block).to(precision)
         for name in hooks or {}:
-            hook = partial(_hook, stats, seen, name, kinds, stats_dtype, precision, reached, stop)
+            hook = partial(_hook, stats, seen, name, kinds, stats_dtype, product, reached, stop)
             handles.append(self.model.get_submodule(name).register_forward_pre_hook(hook))
         self.bar.reset(self.task, total=len(self.inps), description=f"block {i}: {what}")
         autocast = (torch.autocast(self.inps.device.type, dtype=precision)

@@ -24,7 +24,9 @@ for) the errors made before it, and only one block's activations are ever in mem
    target has had its input), then every target gets that step's apply (the next step's
    statistics are re-collected on the modified block), and the compressed block runs once more
    for its outputs. By default the order is ``"layer"`` unless a step asks for ``"block"``
-   (:func:`choose_sequential`; SparseGPT does).
+   (:func:`choose_sequential`; SparseGPT does). A block-order statistics forward may run in
+   bfloat16 (:func:`stats_precision_for`): only the statistics change, by about bfloat16's
+   rounding; the outputs forward, which carries the compression error onward, never does.
 3. The outputs become the next block's inputs (the two buffers are swapped, so memory does not
    grow with depth). Statistics are freed per block. Blocks after the last one in which a step
    reads calibration inputs run no forward: their steps are applied directly.

@@ -38,6 +38,12 @@ def compress_command(
                                    "one for the outputs, statistics on the block as it was (less "
                                    "memory); auto: block if a step asks for it (sparsegpt), "
                                    "else layer."),
+    stats_precision: str = typer.Option("auto", "--stats-precision", help="The block order's "
+                                        "statistics forwards: bfloat16 (on a bfloat16 copy of "
+                                        "the block; outputs stay in the model's dtype), "
+                                        "float32, or auto: bfloat16 for the steps that allow it "
+                                        "(sparsegpt) where the hardware multiplies bfloat16 "
+                                        "natively (AMX / AVX-512 BF16 CPUs, recent GPUs)."),
     merge: bool = typer.Option(False, "--merge", help="Write a plain dense HF model."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (only "
                                    "a directory slimtune wrote)."),
@@ -48,6 +54,8 @@ def compress_command(
     check_model(model)
     if sequential not in ("auto", "layer", "block"):
         fail(f"--sequential must be 'auto', 'layer' or 'block', got {sequential!r}")
+    if stats_precision not in ("auto", "float32", "bfloat16"):
+        fail(f"--stats-precision must be 'auto', 'float32' or 'bfloat16', got {stats_precision!r}")
     if not recipe.is_file():
         fail(f"recipe {recipe} does not exist")
     try:
@@ -84,7 +92,8 @@ def compress_command(
         fail(str(err))
     start = time.perf_counter()
     report = run_pipeline(lm, windows, build_steps(configs), batch_size=batch_size,
-                          sequential=None if sequential == "auto" else sequential)
+                          sequential=None if sequential == "auto" else sequential,
+                          stats_precision=stats_precision)
     seconds = time.perf_counter() - start
     from slimtune.layers import storage_report
 
@@ -92,7 +101,9 @@ def compress_command(
     storage = storage_report(lm, compressed)
     metadata = {"source_model": model, "recipe": [c.model_dump() for c in configs],
                 "calibration": {"data": str(calib_file or calib), "n": n, "seqlen": seqlen,
-                                "seed": seed},
+                                "seed": seed, "sequential": report["sequential"],
+                                "stats_precision": [e["stats_precision"]
+                                                    for e in report["steps"]]},
                 "compress_seconds": seconds, "storage": storage}
     save_model(lm, tokenizer, out, metadata=metadata, merge=merge, overwrite=overwrite)
     from slimtune.evaluate import bytes_on_disk, parameter_count, peak_rss_mb
