@@ -14,7 +14,11 @@ Statistics order: the step asks the pipeline for ``sequential="block"`` (every l
 the block as it was, as the reference code and llm-compressor take it). Over three calibration
 seeds on SmolLM2-135M at 50% that order is within +0.3% of llm-compressor on PTB and Austen,
 where the one-forward "layer" order is 1.2% better on PTB but 1.9% worse on Austen
-(BENCHMARKS.md, Compression II).
+(BENCHMARKS.md, Compression II). It also allows ``stats_precision="bfloat16"``: where the
+hardware multiplies bfloat16 natively, the statistics forward runs on a bfloat16 copy of the
+block and the Gram's products take bfloat16 inputs with float32 accumulation, while the outputs
+forward stays float32 (the layers' errors on real blocks move by at most 2%;
+``tests/test_pipeline_precision.py``).
 
 Reported (METHODS.md): LLaMA-2-7B WikiText-2 6.51 at 50%, 10.17 at 2:4 (dense 5.12); OPT-125M
 50% 36.85 vs magnitude 193 (dense 27.66).
