@@ -19,7 +19,7 @@ windows and eval tokens (exported once per window count by ``peers/export_tokens
 
     .venv/bin/python benchmarks/bench_compress_grid.py [--rows REGEX] [--windows 128]
         [--seqlen 512] [--threads 1] [--eval-tokens 8192] [--out-dir DIR] [--skip-peer]
-        [--calib-seed 0] [--redo] [--table-only]
+        [--calib-seed 0] [--sequential auto] [--stats-precision auto] [--redo] [--table-only]
 """
 from __future__ import annotations
 

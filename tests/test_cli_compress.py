@@ -37,6 +37,16 @@ def test_existing_out_and_missing_recipe_exit_2(tmp_path):
     assert result.exit_code == 2 and "does not exist" in result.stderr
 
 
+@pytest.mark.parametrize("flag, value", [("--sequential", "row"),
+                                         ("--stats-precision", "fp16")])
+def test_bad_order_or_precision_exits_2_before_loading(tmp_path, flag, value):
+    recipe = write(tmp_path / "r.yaml", "- method: sparsegpt\n  sparsity: 0.5\n")
+    result = runner.invoke(app, ["compress", "-m", "smollm2-135m", "-r", str(recipe),
+                                 "-o", str(tmp_path / "o"), flag, value])
+    assert result.exit_code == 2 and f"{flag} must be" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
 def test_target_matching_nothing_exits_2(tmp_path):
     recipe = write(tmp_path / "r.yaml", "- method: svd\n  ratio: 0.5\n  targets: [no_such_proj]\n")
     result = runner.invoke(app, ["compress", "-m", "smollm2-135m", "-r", str(recipe), "-o", str(tmp_path / "o")])

@@ -149,10 +149,11 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
     (BENCHMARKS.md, pipeline memory).
 
     Returns ``{"blocks", "n_blocks", "windows", "steps": [{"step", "kind", "layers" (names
-    applied), "replaced" (names whose module changed), "stats_precision" ("bfloat16" /
-    "float32" for a block-order statistics forward, else None), "outside_blocks" (matched names not in a
-    block: left alone), "fallbacks" ({name: message} of the layers whose apply needed a numerical
-    fallback, e.g. extra damping; summarised in one warning), "seconds" (its applies),
+    applied), "replaced" (names whose module changed), "stats_precision" (the dtype of its
+    block-order statistics forwards, e.g. "bfloat16" or "float32"; else None), "outside_blocks"
+    (matched names not in a block: left alone), "fallbacks" ({name: message} of the layers whose
+    apply needed a numerical fallback, e.g. extra damping; summarised in one warning), "seconds"
+    (its applies),
     "peak_rss_mb"}], "sequential", "capture_seconds", "fisher_seconds", "measure_seconds",
     "forward_seconds" (the compressing pass's block forwards and statistics), "seconds",
     "peak_rss_mb"}``.
@@ -275,7 +276,8 @@ def run_pipeline(model: nn.Module, windows: torch.Tensor, steps, batch_size: int
             hooks = hooks_for([(by_block[i], needs)])
             precision = stats_precision_for(step, stats_precision, walker.inps.device)
             if hooks:
-                report["steps"][k]["stats_precision"] = str(precision or torch.float32)[6:]
+                dtype = precision or next(blocks[i].parameters()).dtype
+                report["steps"][k]["stats_precision"] = str(dtype).removeprefix("torch.")
             inputs = (walker.run(i, f"step {k} stats", hooks,
                                  stats_dtype=getattr(step, "stats_dtype", torch.float64),
                                  precision=precision)
