@@ -34,7 +34,8 @@ def describe_problem(err: dict, config_cls: type[BaseModel]) -> tuple[str, str]:
     key = ".".join(str(p) for p in err["loc"])
     kind, value = err["type"], err.get("input")
     if kind == "extra_forbidden":
-        known = ", ".join(f for f in config_cls.model_fields if f != "method")
+        known = ", ".join(info.alias or f for f, info in config_cls.model_fields.items()
+                          if f != "method")
         return key, f"unknown parameter; known: {known}"
     if kind == "missing":
         return key, "required parameter is missing"

@@ -1,0 +1,42 @@
+"""Model merging: task vectors τᵢ = Wᵢ − W_base combined tensor by tensor by a registered method
+(:data:`.registry.MERGES`, one file each).
+
+:func:`merge_deltas` merges the task vectors of one tensor. Importing this package registers
+every built-in method once.
+"""
+from __future__ import annotations
+
+import torch
+
+from slimtune.merge import dare, linear, task_arithmetic, ties  # noqa: F401  (registers them)
+from slimtune.merge.registry import MERGES
+
+__all__ = ["MERGES", "merge_deltas"]
+
+
+def merge_deltas(method: str, deltas: list[torch.Tensor], weights: list[float] | None = None,
+                 **params) -> torch.Tensor:
+    """The merged task vector of one tensor (add it to the base). ``deltas``: one τᵢ per model,
+    all of one shape; ``weights``: one per model (default 1.0 each); ``params``: the method's
+    keys (e.g. ``density=0.5``, ``**{"lambda": 0.7}``, ``seed=0``); validated first, one error
+    naming every bad key. Deterministic for a given ``seed``."""
+    if method not in MERGES:
+        raise ValueError(MERGES.unknown(method))
+    entry = MERGES.get(method)
+    config = MERGES.make_config(method, "merge", **params)
+    if not deltas:
+        raise ValueError(f"merge ({method}): no task vectors given")
+    shapes = {tuple(d.shape) for d in deltas}
+    if len(shapes) != 1:
+        raise ValueError(f"merge ({method}): task vectors of different shapes {sorted(shapes)}")
+    if not all(d.is_floating_point() for d in deltas):
+        raise ValueError(f"merge ({method}): task vectors must be floating point")
+    weights = [1.0] * len(deltas) if weights is None else list(weights)
+    if len(weights) != len(deltas):
+        raise ValueError(f"merge ({method}): {len(weights)} weights for {len(deltas)} task "
+                         "vectors")
+    stacked = torch.stack(deltas)
+    w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
+    w = w.reshape(-1, *[1] * (stacked.dim() - 1))
+    generator = torch.Generator(stacked.device).manual_seed(getattr(config, "seed", 0))
+    return entry.hook("merge")(stacked, w, config, generator)

@@ -1,0 +1,8 @@
+"""The merge-method registry: a method registers ``merge(stacked, weights, config, generator)
+-> Tensor`` with its pydantic config at the bottom of its own file. ``stacked`` is the task
+vectors of one tensor, ``[k, *shape]``; ``weights`` the models' weights, ``[k, 1, ...]``
+(broadcastable); ``generator`` a seeded ``torch.Generator`` on their device for the methods that
+draw random numbers. It returns the merged task vector (the caller adds it to the base)."""
+from slimtune.registry import Registry
+
+MERGES = Registry("merge method", required=("merge",))

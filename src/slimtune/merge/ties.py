@@ -1,0 +1,38 @@
+"""TIES-Merging (Yadav et al. 2023, "TIES-Merging: Resolving Interference When Merging Models"):
+trim each task vector to its top-``density`` magnitudes, elect one sign per entry by the summed
+mass (``majority: total``) or by the count of signs (``frequency``), average the entries that
+agree with it, scale by λ.
+
+The trim is per tensor (``int(density · numel)`` entries, as PEFT and mergekit do; the paper
+takes the top-k over the whole flattened task vector). ``convention`` picks how weights enter,
+where the two peers differ on purpose (:func:`~slimtune.weights.task_vectors.elect_and_merge`):
+``mergekit`` (default) elects on the weighted vectors and divides by the agreeing weights' sum;
+``peft`` elects on the unweighted ones and divides by the agreeing count. With unit weights both
+are the paper's disjoint mean. Reported (METHODS.md): none for this scale.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from slimtune.merge.config import Convention, Density, Lambda, Majority, MergeConfig
+from slimtune.merge.registry import MERGES
+from slimtune.weights.task_vectors import elect_and_merge, keep_top_magnitude
+
+
+class TiesConfig(MergeConfig):
+    method: Literal["ties"] = "ties"
+    density: float = Density
+    lambda_: float = Lambda
+    majority: Majority = "total"
+    convention: Convention = "mergekit"
+
+
+def merge(stacked: torch.Tensor, weights: torch.Tensor, config: TiesConfig,
+          generator=None) -> torch.Tensor:
+    trimmed = torch.stack([keep_top_magnitude(t, config.density) for t in stacked])
+    return config.lambda_ * elect_and_merge(trimmed, weights, config.majority, config.convention)
+
+
+MERGES.register("ties", TiesConfig, merge=merge)

@@ -1,0 +1,101 @@
+"""Task-vector math for model merging: trimming, random dropping, sign election, disjoint sums.
+
+A task vector is τᵢ = Wᵢ − W_base for one tensor; the merge methods in :mod:`slimtune.merge`
+combine the τᵢ of k tasks, stacked as ``[k, *shape]``. Pure tensor functions, on the tensors'
+own device and dtype:
+
+- :func:`keep_top_magnitude`: TIES's trim (Yadav et al. 2023): the ``int(density · numel)``
+  entries of largest ``|τ|`` are kept, the rest set to zero (ties broken as ``torch.topk``).
+- :func:`bernoulli_mask`: DARE's drop (Yu et al. 2024): each entry kept with probability
+  ``density``, from a seeded generator.
+- :func:`rescale_kept`: after a random drop, ``inverse`` divides by ``density`` (the DARE
+  paper: the expectation is unchanged); ``l1`` scales the kept entries so their L1 norm equals
+  the undropped τ's (mergekit's ``rescale``).
+- :func:`elect_sign`: one sign per entry, ``+1`` where the sum over tasks (``total``: of the
+  values; ``frequency``: of their signs) is ``>= 0``, else ``-1``.
+- :func:`disjoint_sum`: the entries agreeing with the elected sign (zeros never agree), summed
+  over tasks and divided by ``divisor`` (at least 1 where nothing agrees, as 0/1 = 0).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+
+def keep_top_magnitude(t: torch.Tensor, density: float) -> torch.Tensor:
+    """``t`` with all but its ``int(density · numel)`` largest-magnitude entries set to zero."""
+    if not 0 <= density <= 1:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    k = int(density * t.numel())
+    flat = t.reshape(-1)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask[torch.topk(flat.abs(), k=k, largest=True).indices] = True
+    return t * mask.reshape(t.shape)
+
+
+def bernoulli_mask(t: torch.Tensor, density: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """A {0, 1} mask shaped and typed like ``t``, each entry 1 with probability ``density``
+    (``torch.bernoulli``; with the default generator when ``generator`` is None)."""
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    return torch.bernoulli(torch.full_like(t, density), generator=generator)
+
+
+def rescale_kept(t: torch.Tensor, kept: torch.Tensor, density: float,
+                 how: Literal["inverse", "l1"]) -> torch.Tensor:
+    """``kept`` (``t`` after a random drop) rescaled: ``inverse``: / density; ``l1``: × ‖t‖₁ /
+    ‖kept‖₁ (unchanged where nothing was kept)."""
+    if how == "inverse":
+        return kept / density
+    if how == "l1":
+        norm = kept.abs().sum()
+        return kept * (t.abs().sum() / norm) if norm > 0 else kept
+    raise ValueError(f"rescale must be 'inverse' or 'l1', got {how!r}")
+
+
+def elect_sign(stacked: torch.Tensor,
+               method: Literal["total", "frequency"] = "total") -> torch.Tensor:
+    """``[*shape]`` of ±1: the sign of the sum over dim 0 of the values (``total``) or of their
+    signs (``frequency``); a zero sum elects +1."""
+    if method == "total":
+        mass = stacked.sum(dim=0)
+    elif method == "frequency":
+        mass = stacked.sign().sum(dim=0)
+    else:
+        raise ValueError(f"majority must be 'total' or 'frequency', got {method!r}")
+    return torch.where(mass >= 0, 1, -1).to(stacked.dtype)
+
+
+def agreeing(stacked: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    """``[k, *shape]`` bool: the entries whose sign is the elected one (zeros never are)."""
+    return stacked.sign() == sign
+
+
+def disjoint_sum(values: torch.Tensor, agree: torch.Tensor,
+                 divisor: torch.Tensor | None = None) -> torch.Tensor:
+    """Σₖ values·agree / max(divisor, 1 where it is 0); ``divisor`` None: the count of agreeing
+    tasks per entry (TIES's disjoint mean)."""
+    total = (values * agree).sum(dim=0)
+    if divisor is None:
+        divisor = agree.sum(dim=0).to(values.dtype)
+    return total / torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+
+
+def elect_and_merge(trimmed: torch.Tensor, weights: torch.Tensor,
+                    majority: Literal["total", "frequency"] = "total",
+                    convention: Literal["mergekit", "peft"] = "mergekit") -> torch.Tensor:
+    """TIES's elect + disjoint merge of ``trimmed`` task vectors ``[k, *shape]`` with weights
+    ``[k, 1, ...]``. ``peft`` (PEFT's ``ties``): the sign is elected on the unweighted vectors
+    and the agreeing weighted entries are divided by their count; ``mergekit``: the sign is
+    elected on the weighted vectors and their agreeing entries are divided by the sum of the
+    agreeing weights. The two agree for unit weights."""
+    weighted = trimmed * weights
+    voters = trimmed if convention == "peft" else weighted
+    agree = agreeing(voters, elect_sign(voters, majority))
+    if convention == "peft":
+        return disjoint_sum(weighted, agree)
+    if convention == "mergekit":
+        return disjoint_sum(weighted, agree, (weights * agree).sum(dim=0))
+    raise ValueError(f"convention must be 'mergekit' or 'peft', got {convention!r}")
