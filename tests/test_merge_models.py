@@ -1,0 +1,137 @@
+"""merge_models on real MiniLM directories: streamed output equals merge_deltas on whole
+tensors, sharding, what is copied, and every bad input as one error before anything is written."""
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from slimtune.merge import merge_deltas
+from slimtune.merge.models import merge_models
+from slimtune.models import resolve_model_dir
+
+
+@pytest.fixture(scope="module")
+def experts(tmp_path_factory):
+    """MiniLM and two 'experts': its float tensors plus seeded random task vectors."""
+    base = resolve_model_dir("minilm-l6")
+    root = tmp_path_factory.mktemp("experts")
+    state = load_file(str(base / "model.safetensors"))
+    dirs = []
+    for k in range(2):
+        g = torch.Generator().manual_seed(k)
+        tuned = {n: (t + 0.01 * torch.randn(t.shape, generator=g) if t.is_floating_point()
+                     else t) for n, t in state.items()}
+        d = root / f"expert{k}"
+        d.mkdir()
+        save_file(tuned, str(d / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copy2(base / "config.json", d / "config.json")
+        dirs.append(d)
+    return base, dirs, state
+
+
+def config(dirs, **params):
+    return {"method": "ties", "base": "minilm-l6",
+            "models": [{"path": str(d), "weight": w} for d, w in zip(dirs, (1.0, 0.5))],
+            "density": 0.5, **params}
+
+
+def test_streamed_merge_equals_merge_deltas_and_loads(experts, tmp_path):
+    base, dirs, state = experts
+    out = merge_models(config(dirs), tmp_path / "merged", shard_bytes=20 * 2 ** 20,
+                       progress=False)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and all((out / f).is_file() for f in files)
+    merged = {}
+    for f in files:
+        merged.update(load_file(str(out / f)))
+    assert set(merged) == set(state)
+    tuned = [load_file(str(d / "model.safetensors")) for d in dirs]
+    for name, t in state.items():
+        if not t.is_floating_point():
+            assert torch.equal(merged[name], t)
+            continue
+        want = t + merge_deltas("ties", [m[name] - t for m in tuned], [1.0, 0.5], density=0.5)
+        torch.testing.assert_close(merged[name], want, rtol=0, atol=1e-6)
+    assert (out / "tokenizer.json").is_file() and (out / "config.json").is_file()
+    manifest = json.loads((out / "slimtune_merge.json").read_text())["merge"]
+    assert manifest["params"]["density"] == 0.5 and manifest["params"]["lambda"] == 1.0
+    from transformers import AutoModel
+    model = AutoModel.from_pretrained(out)
+    assert torch.equal(model.state_dict()["embeddings.word_embeddings.weight"],
+                       merged["embeddings.word_embeddings.weight"])
+
+
+def test_dare_merges_are_deterministic_per_seed(experts, tmp_path):
+    _, dirs, _ = experts
+    runs = [merge_models(config(dirs, method="dare", seed=s), tmp_path / f"m{i}", progress=False)
+            for i, s in enumerate((1, 1, 2))]
+    a, b, c = (load_file(str(r / "model.safetensors")) for r in runs)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+def bad_shape(root, dirs):
+    d = root / "bad"
+    shutil.copytree(dirs[0], d)
+    state = load_file(str(d / "model.safetensors"))
+    state["embeddings.word_embeddings.weight"] = state["embeddings.word_embeddings.weight"][:-1]
+    save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return d
+
+
+def other_arch(root, dirs):
+    d = root / "arch"
+    shutil.copytree(dirs[0], d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "roberta"
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda c, r, d: c.update(method="nope"), "method: unknown merge method 'nope'"),
+    (lambda c, r, d: c.update(density=0), "merge config \\(ties\\): density"),
+    (lambda c, r, d: c.update(denisty=0.3), "denisty: unknown parameter"),
+    (lambda c, r, d: c.update(models=[]), "models"),
+    (lambda c, r, d: c["models"].append({"path": str(r / "missing")}),
+     r"models\[2\] .*no such directory"),
+    (lambda c, r, d: c["models"].append({"path": str(bad_shape(r, d))}),
+     r"models\[2\] .*word_embeddings.weight has shape \[30521, 384\]"),
+    (lambda c, r, d: c["models"].append({"path": str(other_arch(r, d))}),
+     r"models\[2\] .*model_type 'roberta' differs"),
+])
+def test_bad_config_is_one_error_before_anything_is_written(experts, tmp_path, change, message):
+    _, dirs, _ = experts
+    c = config(dirs)
+    change(c, tmp_path, dirs)
+    with pytest.raises(ValueError, match=message):
+        merge_models(c, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_cli_merges_and_refuses_bad_configs(experts, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from slimtune.cli import app
+
+    _, dirs, _ = experts
+    text = {k: v for k, v in config(dirs, method="task_arithmetic").items() if k != "density"}
+    good = tmp_path / "merge.yaml"
+    good.write_text(yaml.safe_dump(text | {"lambda": 0.5}))
+    result = CliRunner().invoke(app, ["merge", "--config", str(good), "--out",
+                                      str(tmp_path / "m")])
+    assert result.exit_code == 0, result.output
+    assert "merged 2 models with task_arithmetic" in result.output
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    again = CliRunner().invoke(app, ["merge", "-c", str(good), "-o", str(tmp_path / "m")])
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(text | {"models": [{"path": str(tmp_path / "nope")}]}))
+    result = CliRunner().invoke(app, ["merge", "-c", str(bad), "-o", str(tmp_path / "n")])
+    assert result.exit_code == 2 and "no such directory" in result.stderr
+    assert not (tmp_path / "n").exists()
