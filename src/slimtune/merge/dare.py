@@ -6,7 +6,10 @@ rescale what is kept, then merge ``linear`` (λ Σ wᵢ τ̃ᵢ, PEFT's ``dare_l
 ``rescale: inverse`` divides by ``density`` (the paper: each entry's expectation is unchanged);
 ``l1`` matches the kept entries' L1 norm to the undropped vector's (mergekit's ``rescale``). The
 masks come from a ``torch.Generator`` seeded with ``seed``, drawn task by task with
-``torch.bernoulli`` (so the same seed gives PEFT's masks after ``torch.manual_seed(seed)``).
+``torch.bernoulli`` (so the same seed gives PEFT's and mergekit's masks after
+``torch.manual_seed(seed)``). With ``then: ties``, ``normalize`` (default false, as mergekit's
+``dare_ties``) divides the agreeing entries as :mod:`slimtune.merge.ties` does; PEFT's
+``dare_ties`` is ``convention: peft, normalize: true``.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ class DareConfig(MergeConfig):
     lambda_: float = Lambda
     majority: Majority = "total"
     convention: Convention = "mergekit"
+    normalize: bool = False
     seed: int = 0
 
 
@@ -36,7 +40,8 @@ def merge(stacked: torch.Tensor, weights: torch.Tensor, config: DareConfig,
                                      config.density, config.rescale) for t in stacked])
     if config.then == "linear":
         return config.lambda_ * (kept * weights).sum(dim=0)
-    return config.lambda_ * elect_and_merge(kept, weights, config.majority, config.convention)
+    return config.lambda_ * elect_and_merge(kept, weights, config.majority, config.convention,
+                                            config.normalize)
 
 
 MERGES.register("dare", DareConfig, merge=merge)

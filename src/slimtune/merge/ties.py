@@ -7,8 +7,11 @@ The trim is per tensor (``int(density · numel)`` entries, as PEFT and mergekit 
 takes the top-k over the whole flattened task vector). ``convention`` picks how weights enter,
 where the two peers differ on purpose (:func:`~slimtune.weights.task_vectors.elect_and_merge`):
 ``mergekit`` (default) elects on the weighted vectors and divides by the agreeing weights' sum;
-``peft`` elects on the unweighted ones and divides by the agreeing count. With unit weights both
-are the paper's disjoint mean. Reported (METHODS.md): none for this scale.
+``peft`` elects on the unweighted ones and divides by the agreeing count; each also trims ties in
+magnitude in its peer's order. With unit weights both
+are the paper's disjoint mean (``normalize: false``: the agreeing entries summed, undivided).
+Equal to mergekit 0.1.5's ``ties`` and PEFT's ``ties`` in their conventions (tests).
+Reported (METHODS.md): none for this scale.
 """
 from __future__ import annotations
 
@@ -27,12 +30,15 @@ class TiesConfig(MergeConfig):
     lambda_: float = Lambda
     majority: Majority = "total"
     convention: Convention = "mergekit"
+    normalize: bool = True
 
 
 def merge(stacked: torch.Tensor, weights: torch.Tensor, config: TiesConfig,
           generator=None) -> torch.Tensor:
-    trimmed = torch.stack([keep_top_magnitude(t, config.density) for t in stacked])
-    return config.lambda_ * elect_and_merge(trimmed, weights, config.majority, config.convention)
+    order = "topk" if config.convention == "peft" else "argsort"
+    trimmed = torch.stack([keep_top_magnitude(t, config.density, order) for t in stacked])
+    return config.lambda_ * elect_and_merge(trimmed, weights, config.majority, config.convention,
+                                            config.normalize)
 
 
 MERGES.register("ties", TiesConfig, merge=merge)

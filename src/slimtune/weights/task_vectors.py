@@ -23,14 +23,25 @@ from typing import Literal
 import torch
 
 
-def keep_top_magnitude(t: torch.Tensor, density: float) -> torch.Tensor:
-    """``t`` with all but its ``int(density · numel)`` largest-magnitude entries set to zero."""
+def keep_top_magnitude(t: torch.Tensor, density: float,
+                       order: Literal["topk", "argsort"] = "topk") -> torch.Tensor:
+    """``t`` with all but its ``int(density · numel)`` largest-magnitude entries set to zero.
+
+    Entries of equal magnitude at the threshold are chosen as PEFT does (``order="topk"``:
+    ``torch.topk``) or as mergekit does (``"argsort"``: the first k of a descending
+    ``torch.argsort``, and at least one entry); real weights (SmolLM2's are dequantised 4-bit
+    values) have such ties, so exact parity with either needs its order."""
     if not 0 <= density <= 1:
         raise ValueError(f"density must be in [0, 1], got {density}")
     k = int(density * t.numel())
     flat = t.reshape(-1)
     mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask[torch.topk(flat.abs(), k=k, largest=True).indices] = True
+    if order == "topk":
+        mask[torch.topk(flat.abs(), k=k, largest=True).indices] = True
+    elif order == "argsort":
+        mask[torch.argsort(flat.abs().float(), descending=True)[:max(1, k)]] = True
+    else:
+        raise ValueError(f"order must be 'topk' or 'argsort', got {order!r}")
     return t * mask.reshape(t.shape)
 
 
@@ -85,17 +96,21 @@ def disjoint_sum(values: torch.Tensor, agree: torch.Tensor,
 
 def elect_and_merge(trimmed: torch.Tensor, weights: torch.Tensor,
                     majority: Literal["total", "frequency"] = "total",
-                    convention: Literal["mergekit", "peft"] = "mergekit") -> torch.Tensor:
+                    convention: Literal["mergekit", "peft"] = "mergekit",
+                    normalize: bool = True) -> torch.Tensor:
     """TIES's elect + disjoint merge of ``trimmed`` task vectors ``[k, *shape]`` with weights
     ``[k, 1, ...]``. ``peft`` (PEFT's ``ties``): the sign is elected on the unweighted vectors
     and the agreeing weighted entries are divided by their count; ``mergekit``: the sign is
     elected on the weighted vectors and their agreeing entries are divided by the sum of the
-    agreeing weights. The two agree for unit weights."""
+    agreeing weights. The two agree for unit weights. ``normalize=False``: no division (the
+    agreeing weighted entries are summed; mergekit's default for ``dare_ties``)."""
+    if convention not in ("mergekit", "peft"):
+        raise ValueError(f"convention must be 'mergekit' or 'peft', got {convention!r}")
     weighted = trimmed * weights
     voters = trimmed if convention == "peft" else weighted
     agree = agreeing(voters, elect_sign(voters, majority))
+    if not normalize:
+        return (weighted * agree).sum(dim=0)
     if convention == "peft":
         return disjoint_sum(weighted, agree)
-    if convention == "mergekit":
-        return disjoint_sum(weighted, agree, (weights * agree).sum(dim=0))
-    raise ValueError(f"convention must be 'mergekit' or 'peft', got {convention!r}")
+    return disjoint_sum(weighted, agree, (weights * agree).sum(dim=0))
