@@ -5,7 +5,8 @@ import torch
 from peft.utils import merge_utils as peft_merge
 
 from slimtune.merge import MERGES, merge_deltas
-from slimtune.weights.task_vectors import (elect_sign, keep_top_magnitude, rescale_kept)
+from slimtune.weights.task_vectors import (elect_sign, keep_magnitude_band, keep_top_magnitude,
+                                          rescale_kept)
 
 WEIGHTS = [0.7, 1.3, 0.5]
 
@@ -24,7 +25,7 @@ def synthetic(shape=(64, 48), seed=0):
 
 
 def test_every_method_is_registered():
-    assert {"linear", "task_arithmetic", "ties", "dare"} <= set(MERGES.names())
+    assert {"linear", "task_arithmetic", "ties", "dare", "breadcrumbs"} <= set(MERGES.names())
 
 
 @pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], WEIGHTS])
@@ -91,6 +92,18 @@ def test_linear_is_the_weighted_mean():
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(merge_deltas("linear", deltas, WEIGHTS, normalize=False),
                                want * sum(WEIGHTS))
+
+
+def test_breadcrumbs_drop_the_outliers_and_the_smallest():
+    t = torch.arange(1.0, 101.0) * torch.tensor([1.0, -1.0]).repeat(50)
+    kept = keep_magnitude_band(t, density=0.3, gamma=0.1)
+    assert sorted(kept[kept != 0].abs().tolist()) == [float(v) for v in range(61, 91)]
+    kept = keep_magnitude_band(t, density=0.95, gamma=0.1)  # density wins over gamma
+    assert sorted(kept[kept != 0].abs().tolist()) == [float(v) for v in range(1, 96)]
+    deltas = synthetic()
+    got = merge_deltas("breadcrumbs", deltas, WEIGHTS, density=0.3, gamma=0.05)
+    want = sum(w * keep_magnitude_band(d, 0.3, 0.05) for w, d in zip(WEIGHTS, deltas))
+    torch.testing.assert_close(got, want)
 
 
 def test_trim_keeps_exactly_k_and_a_tied_vote_elects_plus():

@@ -31,6 +31,9 @@ def tensors(smollm2):
     ("ties", {"density": 0.3, "normalize": False}, {"density": 0.3, "normalize": False}),
     ("dare", {"density": 0.4, "rescale": "l1", "seed": 5}, {"density": 0.4}),
     ("dare", {"density": 0.4, "rescale": "l1", "then": "ties", "seed": 5}, {"density": 0.4}),
+    ("breadcrumbs", {"density": 0.3}, {"density": 0.3}),
+    ("breadcrumbs", {"density": 0.5, "gamma": 0.1, "lambda": 0.8},
+     {"density": 0.5, "gamma": 0.1, "lambda": 0.8}),
 ])
 def test_equals_mergekit(tensors, method, ours, theirs):
     base, models = tensors

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from slimtune.merge import dare, linear, task_arithmetic, ties  # noqa: F401  (registers them)
+from slimtune.merge import breadcrumbs, dare, linear, task_arithmetic, ties  # noqa: F401  (registers them)
 from slimtune.merge.registry import MERGES
 
 __all__ = ["MERGES", "merge_deltas"]

@@ -6,6 +6,8 @@ own device and dtype:
 
 - :func:`keep_top_magnitude`: TIES's trim (Yadav et al. 2023): the ``int(density · numel)``
   entries of largest ``|τ|`` are kept, the rest set to zero (ties broken as ``torch.topk``).
+- :func:`keep_magnitude_band`: Model Breadcrumbs' mask: the largest ``gamma`` and the smallest
+  entries dropped, ``density`` of them kept.
 - :func:`bernoulli_mask`: DARE's drop (Yu et al. 2024): each entry kept with probability
   ``density``, from a seeded generator.
 - :func:`rescale_kept`: after a random drop, ``inverse`` divides by ``density`` (the DARE
@@ -42,6 +44,24 @@ def keep_top_magnitude(t: torch.Tensor, density: float,
         mask[torch.argsort(flat.abs().float(), descending=True)[:max(1, k)]] = True
     else:
         raise ValueError(f"order must be 'topk' or 'argsort', got {order!r}")
+    return t * mask.reshape(t.shape)
+
+
+def keep_magnitude_band(t: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Model Breadcrumbs' mask (Davari & Belilovsky 2023): drop the ``int(gamma · numel)``
+    largest-magnitude entries (outliers) and then the smallest, keeping ``int(density · numel)``
+    entries (fewer outliers are dropped when both cannot hold). Ties in magnitude are ordered as
+    mergekit orders them (an ascending ``torch.sort``)."""
+    if not 0 < density <= 1 or not 0 <= gamma < 1:
+        raise ValueError(f"need density in (0, 1] and gamma in [0, 1), got {density}, {gamma}")
+    if density >= 1:
+        return t.clone()
+    n = t.numel()
+    keep, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - keep - top)
+    order = torch.sort(t.reshape(-1).abs().float(), descending=False).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=t.device)
+    mask[order[bottom:bottom + keep]] = True
     return t * mask.reshape(t.shape)
 
 
