@@ -128,3 +128,17 @@ def test_trim_keeps_exactly_k_and_a_tied_vote_elects_plus():
 def test_bad_input_is_one_clear_error(call, message):
     with pytest.raises(ValueError, match=message):
         call(synthetic())
+
+
+def test_slerp_ends_at_the_models_and_keeps_the_norm_between_orthogonal_ones():
+    base = torch.zeros(2, 2)
+    a, b = torch.tensor([[3.0, 0.0], [0.0, 0.0]]), torch.tensor([[0.0, 3.0], [0.0, 0.0]])
+    for t, want in ((0.0, a), (1.0, b)):
+        torch.testing.assert_close(merge_deltas("slerp", [a, b], base=base, t=t), want)
+    mid = merge_deltas("slerp", [a, b], base=base, t=0.5)
+    torch.testing.assert_close(mid.norm(), torch.tensor(3.0))  # on the circle, not the chord
+    torch.testing.assert_close(merge_deltas("slerp", [a, 2 * a], base=base, t=0.5), 1.5 * a)
+    with pytest.raises(ValueError, match="needs the base tensor"):
+        merge_deltas("slerp", [a, b], t=0.5)
+    with pytest.raises(ValueError, match="merges exactly 2 models, got 3"):
+        merge_deltas("slerp", [a, b, a], base=base, t=0.5)

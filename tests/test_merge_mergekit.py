@@ -51,3 +51,12 @@ def test_linear_equals_mergekit(tensors):
     want = mergekit_methods.merge_tensors(models, "linear", parameters={"weight": WEIGHTS})
     got = base + merge_deltas("linear", [m - base for m in models], WEIGHTS)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [0.0, 0.3, 0.5, 1.0])
+def test_slerp_equals_mergekit(tensors, t):
+    base, models = tensors
+    want = mergekit_methods.merge_tensors(models[:2], "slerp", base_index=0,
+                                          parameters={"t": t})
+    got = base + merge_deltas("slerp", [m - base for m in models[:2]], base=base, t=t)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

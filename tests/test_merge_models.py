@@ -91,11 +91,18 @@ def other_arch(root, dirs):
     return d
 
 
+def slerp_of_three(c, root, dirs):
+    c.pop("density")
+    c.update(method="slerp", t=0.5)
+    c["models"].append({"path": str(dirs[0])})
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda c, r, d: c.update(method="nope"), "method: unknown merge method 'nope'"),
     (lambda c, r, d: c.update(density=0), "merge config \\(ties\\): density"),
     (lambda c, r, d: c.update(denisty=0.3), "denisty: unknown parameter"),
     (lambda c, r, d: c.update(models=[]), "models"),
+    (slerp_of_three, r"models \(slerp\): merges exactly 2 models, got 3"),
     (lambda c, r, d: c["models"].append({"path": str(r / "missing")}),
      r"models\[2\] .*no such directory"),
     (lambda c, r, d: c["models"].append({"path": str(bad_shape(r, d))}),

@@ -8,24 +8,28 @@ from __future__ import annotations
 
 import torch
 
-from slimtune.merge import breadcrumbs, dare, linear, task_arithmetic, ties  # noqa: F401  (registers them)
+from slimtune.merge import (breadcrumbs, dare, linear, slerp, task_arithmetic,  # noqa: F401
+                            ties)  # (importing registers them)
+from slimtune.merge.config import check_model_count
 from slimtune.merge.registry import MERGES
 
 __all__ = ["MERGES", "merge_deltas"]
 
 
 def merge_deltas(method: str, deltas: list[torch.Tensor], weights: list[float] | None = None,
-                 **params) -> torch.Tensor:
+                 base: torch.Tensor | None = None, **params) -> torch.Tensor:
     """The merged task vector of one tensor (add it to the base). ``deltas``: one τᵢ per model,
     all of one shape; ``weights``: one per model (default 1.0 each); ``params``: the method's
     keys (e.g. ``density=0.5``, ``**{"lambda": 0.7}``, ``seed=0``); validated first, one error
-    naming every bad key. Deterministic for a given ``seed``."""
+    naming every bad key. Deterministic for a given ``seed``. ``base``: the base tensor, for the
+    methods whose result is not a function of the task vectors alone (``slerp``)."""
     if method not in MERGES:
         raise ValueError(MERGES.unknown(method))
     entry = MERGES.get(method)
     config = MERGES.make_config(method, "merge", **params)
     if not deltas:
         raise ValueError(f"merge ({method}): no task vectors given")
+    check_model_count(config, len(deltas), "merge")
     shapes = {tuple(d.shape) for d in deltas}
     if len(shapes) != 1:
         raise ValueError(f"merge ({method}): task vectors of different shapes {sorted(shapes)}")
@@ -39,4 +43,4 @@ def merge_deltas(method: str, deltas: list[torch.Tensor], weights: list[float] |
     w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
     w = w.reshape(-1, *[1] * (stacked.dim() - 1))
     generator = torch.Generator(stacked.device).manual_seed(getattr(config, "seed", 0))
-    return entry.hook("merge")(stacked, w, config, generator)
+    return entry.hook("merge")(stacked, w, config, generator, base=base)

@@ -25,7 +25,7 @@ class BreadcrumbsConfig(MergeConfig):
 
 
 def merge(stacked: torch.Tensor, weights: torch.Tensor, config: BreadcrumbsConfig,
-          generator=None) -> torch.Tensor:
+          generator=None, base=None) -> torch.Tensor:
     kept = torch.stack([keep_magnitude_band(t, config.density, config.gamma) for t in stacked])
     return config.lambda_ * (kept * weights).sum(dim=0)
 

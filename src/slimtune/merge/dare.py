@@ -35,7 +35,7 @@ class DareConfig(MergeConfig):
 
 
 def merge(stacked: torch.Tensor, weights: torch.Tensor, config: DareConfig,
-          generator: torch.Generator | None = None) -> torch.Tensor:
+          generator: torch.Generator | None = None, base=None) -> torch.Tensor:
     kept = torch.stack([rescale_kept(t, t * bernoulli_mask(t, config.density, generator),
                                      config.density, config.rescale) for t in stacked])
     if config.then == "linear":

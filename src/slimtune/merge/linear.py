@@ -18,7 +18,7 @@ class LinearConfig(MergeConfig):
 
 
 def merge(stacked: torch.Tensor, weights: torch.Tensor, config: LinearConfig,
-          generator=None) -> torch.Tensor:
+          generator=None, base=None) -> torch.Tensor:
     total = (stacked * weights).sum(dim=0)
     if not config.normalize:
         return total

@@ -29,6 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from slimtune.io.atomic import atomic_dir
+from slimtune.merge.config import check_model_count
 from slimtune.merge.registry import MERGES
 from slimtune.models import resolve_model_dir
 from slimtune.progress import progress_bar
@@ -70,7 +71,9 @@ def load_config(config: dict | str | os.PathLike) -> tuple[MergeFile, BaseModel]
     own = {k: config[k] for k in ("method", "base", "models") if k in config}
     spec = validate(MergeFile, own, "merge config")
     params = {k: v for k, v in config.items() if k not in own}
-    return spec, MERGES.make_config(method, "merge config", **params)
+    method_config = MERGES.make_config(method, "merge config", **params)
+    check_model_count(method_config, len(spec.models), "merge config: models")
+    return spec, method_config
 
 
 def tensor_files(directory: Path) -> dict[str, Path]:
@@ -203,4 +206,5 @@ def merged_tensor(name, base_handle, handles, weights, merge, config, generator)
         return base.contiguous()
     stacked = torch.stack([h.get_tensor(name).float() - base.float() for h in handles])
     w = weights.reshape(-1, *[1] * base.dim())
-    return (base.float() + merge(stacked, w, config, generator)).to(base.dtype).contiguous()
+    merged = merge(stacked, w, config, generator, base=base.float())
+    return (base.float() + merged).to(base.dtype).contiguous()

@@ -17,7 +17,7 @@ class TaskArithmeticConfig(MergeConfig):
 
 
 def merge(stacked: torch.Tensor, weights: torch.Tensor, config: TaskArithmeticConfig,
-          generator=None) -> torch.Tensor:
+          generator=None, base=None) -> torch.Tensor:
     return config.lambda_ * (stacked * weights).sum(dim=0)
 
 

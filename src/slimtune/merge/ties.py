@@ -34,7 +34,7 @@ class TiesConfig(MergeConfig):
 
 
 def merge(stacked: torch.Tensor, weights: torch.Tensor, config: TiesConfig,
-          generator=None) -> torch.Tensor:
+          generator=None, base=None) -> torch.Tensor:
     order = "topk" if config.convention == "peft" else "argsort"
     trimmed = torch.stack([keep_top_magnitude(t, config.density, order) for t in stacked])
     return config.lambda_ * elect_and_merge(trimmed, weights, config.majority, config.convention,

@@ -1,0 +1,46 @@
+"""SLERP (spherical linear interpolation, Shoemake 1985, as used for model merging by mergekit):
+of exactly two models W₀ = W_base + τ₀ and W₁ = W_base + τ₁, each tensor flattened to one
+vector: ``sin((1−t)θ)/sin θ · W₀ + sin(tθ)/sin θ · W₁`` with θ the angle between them, and plain
+``(1−t) W₀ + t W₁`` where they are (anti)parallel (|cos θ| > 0.9995). Needs the base tensor
+(the result is not a function of the task vectors alone); the models' weights are not used.
+Equal to mergekit 0.1.5's ``slerp`` with ``base_model`` the first model (tests).
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from slimtune.merge.config import MergeConfig
+from slimtune.merge.registry import MERGES
+
+PARALLEL = 0.9995  # |cos θ| above which the interpolation is linear
+EPS = 1e-8
+
+
+class SlerpConfig(MergeConfig):
+    n_models: ClassVar[int] = 2
+    method: Literal["slerp"] = "slerp"
+    t: float = Field(..., ge=0, le=1, description="0: the first model, 1: the second")
+
+
+def merge(stacked: torch.Tensor, weights: torch.Tensor, config: SlerpConfig, generator=None,
+          base: torch.Tensor | None = None) -> torch.Tensor:
+    if base is None:
+        raise ValueError("slerp needs the base tensor (merge_deltas(..., base=...))")
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    v0, v1 = (base.to(dtype) + d.to(dtype) for d in stacked)
+    a, b = v0.reshape(-1), v1.reshape(-1)
+    na, nb = (torch.where(n > EPS, n, torch.ones_like(n)) for n in (a.norm(), b.norm()))
+    cos = ((a / na) * (b / nb)).sum().clamp(-1, 1)
+    t = config.t
+    if cos.abs() > PARALLEL:
+        merged = (1 - t) * v0 + t * v1
+    else:
+        theta = torch.acos(cos)
+        merged = (torch.sin((1 - t) * theta) * v0 + torch.sin(t * theta) * v1) / torch.sin(theta)
+    return (merged - base.to(dtype)).to(stacked.dtype)
+
+
+MERGES.register("slerp", SlerpConfig, merge=merge)
