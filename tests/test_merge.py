@@ -25,7 +25,8 @@ def synthetic(shape=(64, 48), seed=0):
 
 
 def test_every_method_is_registered():
-    assert {"linear", "task_arithmetic", "ties", "dare", "breadcrumbs"} <= set(MERGES.names())
+    assert {"linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "slerp",
+            "compeft"} <= set(MERGES.names())
 
 
 @pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], WEIGHTS])
@@ -142,3 +143,17 @@ def test_slerp_ends_at_the_models_and_keeps_the_norm_between_orthogonal_ones():
         merge_deltas("slerp", [a, b], t=0.5)
     with pytest.raises(ValueError, match="merges exactly 2 models, got 3"):
         merge_deltas("slerp", [a, b, a], base=base, t=0.5)
+
+
+def test_compeft_is_ternary_with_one_scale_per_task(real_deltas):
+    from slimtune.merge.compeft import ternarise
+
+    t = real_deltas[0]
+    tern = ternarise(t, 0.1, 0.5)
+    s = 0.5 * float(t.std())
+    torch.testing.assert_close(torch.unique(tern), torch.tensor([-s, 0.0, s]))
+    assert int((tern != 0).sum()) == int(0.1 * t.numel())
+    assert ((tern != 0) <= (keep_top_magnitude(t, 0.1) != 0)).all()
+    got = merge_deltas("compeft", real_deltas, WEIGHTS, density=0.1, scale=0.5)
+    want = sum(w * ternarise(d, 0.1, 0.5) for w, d in zip(WEIGHTS, real_deltas))
+    torch.testing.assert_close(got, want)

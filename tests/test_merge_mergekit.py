@@ -2,7 +2,8 @@
 install it, so these tests are skipped there). To run them::
 
     bash benchmarks/peers/install_mergekit.sh
-    PYTHONPATH=benchmarks/peers/.mergekit-pkgs .venv/bin/python -m pytest tests/test_merge_mergekit.py
+    PYTHONPATH=benchmarks/peers/.mergekit-pkgs .venv/bin/python -m pytest \
+        tests/test_merge_mergekit.py
 
 Same real tensors in, mergekit's ``merge_tensors`` against ``merge_deltas`` plus the base; its
 random masks come from torch's default generator, seeded as ours is."""

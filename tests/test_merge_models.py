@@ -142,3 +142,26 @@ def test_cli_merges_and_refuses_bad_configs(experts, tmp_path):
     result = CliRunner().invoke(app, ["merge", "-c", str(bad), "-o", str(tmp_path / "n")])
     assert result.exit_code == 2 and "no such directory" in result.stderr
     assert not (tmp_path / "n").exists()
+
+
+def test_malformed_yaml_is_a_clear_error(tmp_path):
+    from slimtune.merge.models import load_config
+
+    bad = tmp_path / "merge.yaml"
+    bad.write_text("method: ties\nmodels: [unclosed\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_a_dtype_that_is_not_merged_is_named_before_work(tmp_path):
+    base = resolve_model_dir("minilm-l6")
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    shutil.copy2(base / "config.json", odd / "config.json")
+    save_file({"w": torch.zeros(2, 2).to(torch.float8_e4m3fn)}, str(odd / "model.safetensors"))
+    c = {"method": "linear", "base": str(odd), "models": [{"path": str(odd)}]}
+    with pytest.raises(ValueError, match="base tensor w has dtype F8_E4M3"):
+        merge_models(c, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()

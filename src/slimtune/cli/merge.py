@@ -13,8 +13,9 @@ from slimtune.cli.app import check_output, command, fail, stdout
 
 MERGE_HELP = (
     "Merge fine-tuned models of one base into a Hugging Face model directory.\n\n"
-    "The YAML config names `method` (linear, task_arithmetic, ties, dare, breadcrumbs, slerp), `base` (a registered "
-    "model or a directory), `models` (a list of `path` and `weight`) and the method's own keys "
+    "The YAML config names `method` (linear, task_arithmetic, ties, dare, breadcrumbs, slerp, "
+    "compeft), `base` (a registered model or a directory), `models` (a list of `path` and "
+    "`weight`) and the method's own keys "
     "at the top level (e.g. `density: 0.5`). Everything is checked before a tensor is read; "
     "tensors are then merged one at a time and written in shards into OUT atomically.")
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from slimtune.merge import (breadcrumbs, dare, linear, slerp, task_arithmetic,  # noqa: F401
-                            ties)  # (importing registers them)
+from slimtune.merge import (breadcrumbs, compeft, dare, linear, slerp,  # noqa: F401
+                            task_arithmetic, ties)  # (importing registers them)
 from slimtune.merge.config import check_model_count
 from slimtune.merge.registry import MERGES
 

@@ -62,7 +62,10 @@ def load_config(config: dict | str | os.PathLike) -> tuple[MergeFile, BaseModel]
         path = Path(config)
         if not path.is_file():
             raise ValueError(f"merge config {path} does not exist")
-        config = yaml.safe_load(path.read_text()) or {}
+        try:
+            config = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"merge config {path}: not valid YAML ({err})") from None
         if not isinstance(config, dict):
             raise ValueError(f"merge config {path}: expected a mapping of keys")
     method = config.get("method")
@@ -157,7 +160,12 @@ def merge_models(config: dict | str | os.PathLike, out: str | os.PathLike,
     merge = MERGES.get(spec.method).hook("merge")
     base_files, model_files = tensor_files(base), [tensor_files(d) for d in dirs]
     names = list(shapes)
-    nbytes = {n: _dtype(dtype).itemsize * math.prod(shape) for n, (shape, dtype) in shapes.items()}
+    unknown = sorted(n for n, (_, dtype) in shapes.items() if dtype not in SAFETENSORS_DTYPES)
+    if unknown:
+        raise ValueError(f"merge: base tensor {unknown[0]} has dtype {shapes[unknown[0]][1]}, "
+                         f"which is not merged (known: {', '.join(SAFETENSORS_DTYPES)})")
+    nbytes = {n: SAFETENSORS_DTYPES[dtype].itemsize * math.prod(shape)
+              for n, (shape, dtype) in shapes.items()}
     shards = plan_shards(names, nbytes, shard_bytes)
     weights = torch.tensor([m.weight for m in spec.models])
     generator = torch.Generator().manual_seed(getattr(method_config, "seed", 0))
@@ -193,10 +201,9 @@ def merge_models(config: dict | str | os.PathLike, out: str | os.PathLike,
     return Path(out)
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-            "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I8": torch.int8,
-            "U8": torch.uint8, "BOOL": torch.bool}[name]
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
 def merged_tensor(name, base_handle, handles, weights, merge, config, generator):
