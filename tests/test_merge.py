@@ -24,9 +24,19 @@ def synthetic(shape=(64, 48), seed=0):
     return [torch.randn(shape, generator=g) * s for s in (1.0, 0.5, 2.0)]
 
 
-def test_every_method_is_registered():
-    assert {"linear", "task_arithmetic", "ties", "dare", "breadcrumbs", "slerp",
-            "compeft"} <= set(MERGES.names())
+@pytest.mark.parametrize("method", MERGES.names())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_registered_method_merges_real_tensors(real_deltas, method, dtype):
+    """The family's matrix: each method with its ``example`` keys, on real SmolLM2 tensors in
+    float32 and bfloat16 -- the task vectors' shape and dtype, finite, and the same twice."""
+    config = MERGES.get(method).config
+    deltas = [d.to(dtype) for d in real_deltas[:config.n_models or 3]]
+    base = torch.zeros_like(deltas[0])
+    runs = [merge_deltas(method, deltas, [1.0, 0.5, 0.8][:len(deltas)], base=base,
+                         **config.example) for _ in range(2)]
+    assert runs[0].shape == deltas[0].shape and runs[0].dtype == dtype
+    assert torch.isfinite(runs[0]).all() and runs[0].abs().sum() > 0
+    assert torch.equal(runs[0], runs[1])
 
 
 @pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], WEIGHTS])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from slimtune.merge import merge_deltas
+from slimtune.merge import MERGES, merge_deltas
 from slimtune.merge.models import merge_models
 from slimtune.models import resolve_model_dir
 
@@ -19,10 +19,10 @@ def experts(tmp_path_factory):
     root = tmp_path_factory.mktemp("experts")
     state = load_file(str(base / "model.safetensors"))
     dirs = []
-    for k in range(2):
+    for k in range(2):  # expert 1 lacks the non-float buffers (as a re-saved model does)
         g = torch.Generator().manual_seed(k)
         tuned = {n: (t + 0.01 * torch.randn(t.shape, generator=g) if t.is_floating_point()
-                     else t) for n, t in state.items()}
+                     else t) for n, t in state.items() if k == 0 or t.is_floating_point()}
         d = root / f"expert{k}"
         d.mkdir()
         save_file(tuned, str(d / "model.safetensors"), metadata={"format": "pt"})
@@ -49,6 +49,7 @@ def test_streamed_merge_equals_merge_deltas_and_loads(experts, tmp_path):
         merged.update(load_file(str(out / f)))
     assert set(merged) == set(state)
     tuned = [load_file(str(d / "model.safetensors")) for d in dirs]
+    assert any(not t.is_floating_point() for t in state.values())  # the buffer case is tested
     for name, t in state.items():
         if not t.is_floating_point():
             assert torch.equal(merged[name], t)
@@ -165,3 +166,18 @@ def test_a_dtype_that_is_not_merged_is_named_before_work(tmp_path):
     with pytest.raises(ValueError, match="base tensor w has dtype F8_E4M3"):
         merge_models(c, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", MERGES.names())
+def test_every_registered_method_writes_a_model_transformers_loads(experts, tmp_path, method):
+    from transformers import AutoModel
+
+    _, dirs, state = experts
+    config = MERGES.get(method).config
+    c = {"method": method, "base": "minilm-l6", **config.example,
+         "models": [{"path": str(d)} for d in dirs][:config.n_models or 2]}
+    out = merge_models(c, tmp_path / "merged", progress=False)
+    model = AutoModel.from_pretrained(out)
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert model.state_dict()[name].dtype == state[name].dtype
+    assert not torch.equal(model.state_dict()[name], state[name])  # the models' changes are in

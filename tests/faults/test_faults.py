@@ -42,14 +42,19 @@ class Command:
     slow: bool = False                          # its kill/interrupt cases only in make test-all
     out_name: str = "out"                       # OUT's name in the workspace (gguf: a file)
     last_write: str | None = None               # a file inside OUT written last, or None: OUT
+    model_args: Callable | None = None          # (ws, out, model) -> the line with that model,
+                                                # for a command that takes no -m
 
     @property
     def final_rename(self) -> str:
         """The fault point of the last write: the final rename of OUT or of that file."""
         return f"final-rename:{self.last_write or self.out_name}"
 
-    def with_model(self, args: list, model) -> list:
-        """``args`` with ``model`` as the model (replacing ``-m X``, or added)."""
+    def with_model(self, ws: Workspace, model) -> list:
+        """The command line with ``model`` as the model (replacing ``-m X``, or added)."""
+        if self.model_args is not None:
+            return self.model_args(ws, ws.out, model)
+        args = self.args(ws, ws.out)
         if "-m" in args:
             i = args.index("-m")
             return [*args[:i + 1], model, *args[i + 2:]]
@@ -75,8 +80,25 @@ COMMANDS = [
     Command("export-gguf", lambda ws, out: ["export", "-m", "smollm2-135m", "--format", "gguf",
                                             "--out", out.with_suffix(".gguf")],
             slow=True, out_name="out.gguf"),
+    Command("merge", lambda ws, out: ["merge", "--config", merge_config(ws), "--out", out],
+            model_args=lambda ws, out, model: ["merge", "--config", merge_config(ws, model),
+                                               "--out", out]),
 ]
 WRITERS = [c for c in COMMANDS if c.writes]
+
+
+def merge_config(ws: Workspace, model=None) -> Path:
+    """A TIES merge of MiniLM with the RTN-compressed-and-merged MiniLM (a real second model of
+    the same base) and ``model`` (default: MiniLM itself), written into the workspace."""
+    import yaml
+
+    from slimtune.models import resolve_model_dir
+
+    path = ws.root / "merge.yaml"
+    models = [ws.inputs["dense_rtn"], model or resolve_model_dir("minilm-l6")]
+    path.write_text(yaml.safe_dump({"method": "ties", "base": "minilm-l6", "density": 0.5,
+                                    "models": [{"path": str(m)} for m in models]}))
+    return path
 
 
 def marks(command: Command, slow_case: bool = False):
@@ -87,7 +109,7 @@ def marks(command: Command, slow_case: bool = False):
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """Inputs some commands need: a small LoRA adapter on the MiniLM encoder (for export-peft),
-    MiniLM compressed by RTN 4-bit (for export)."""
+    MiniLM compressed by RTN 4-bit (for export) and that model made dense (for merge)."""
     import torch
 
     from slimtune import adapt
@@ -102,7 +124,10 @@ def shared(tmp_path_factory):
     rtn = adapter.parent / "rtn"
     proc = cli(["compress", "-m", "minilm-l6", "--recipe", "recipes/rtn.yaml", "--out", rtn])
     assert proc.returncode == 0, proc.stderr
-    return {"adapter": adapter, "rtn": rtn}
+    dense_rtn = adapter.parent / "dense-rtn"
+    proc = cli(["export", "-m", rtn, "--format", "hf", "--out", dense_rtn])
+    assert proc.returncode == 0, proc.stderr
+    return {"adapter": adapter, "rtn": rtn, "dense_rtn": dense_rtn}
 
 
 @pytest.fixture
@@ -123,7 +148,7 @@ def assert_user_error(proc, message: str) -> None:
 # -- every command: a model that is not there is one error line --------------------------------
 @pytest.mark.parametrize("command", [marks(c) for c in COMMANDS])
 def test_a_missing_model_directory_is_one_error_line(ws, command):
-    proc = cli(command.with_model(command.args(ws, ws.out), ws.root / "no" / "model"))
+    proc = cli(command.with_model(ws, ws.root / "no" / "model"))
     assert_user_error(proc, "no such directory")
     assert not ws.out.exists()
 

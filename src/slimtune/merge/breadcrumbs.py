@@ -7,7 +7,7 @@ for this scale.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -18,6 +18,7 @@ from slimtune.weights.task_vectors import keep_magnitude_band
 
 
 class BreadcrumbsConfig(MergeConfig):
+    example: ClassVar[dict] = {"density": 0.5, "gamma": 0.05}
     method: Literal["breadcrumbs"] = "breadcrumbs"
     density: float = Density
     gamma: float = Field(0.01, ge=0, lt=1, description="fraction of largest entries dropped")

@@ -7,7 +7,7 @@ LLaMA it beats QLoRA by 4.16% on MMLU at up to 26x smaller storage (seeds/003).
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -18,6 +18,7 @@ from slimtune.weights.task_vectors import keep_top_magnitude
 
 
 class ComPEFTConfig(MergeConfig):
+    example: ClassVar[dict] = {"density": 0.2, "scale": 0.5}
     method: Literal["compeft"] = "compeft"
     density: float = Density
     scale: float = Field(1.0, gt=0, description="α: the ternary values are ±α·std(τ)")

@@ -8,11 +8,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 class MergeConfig(BaseModel):
     """``method``; unknown keys are errors that list the known ones. A method that merges a fixed
-    number of models says so in ``n_models`` (a class variable; None: any number)."""
+    number of models says so in ``n_models`` (a class variable; None: any number); ``example``
+    is a small valid set of its keys (the family's test matrix runs every method with it)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     n_models: ClassVar[int | None] = None
+    example: ClassVar[dict] = {}
     method: str
 
 

@@ -13,7 +13,7 @@ masks come from a ``torch.Generator`` seeded with ``seed``, drawn task by task w
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -23,6 +23,7 @@ from slimtune.weights.task_vectors import bernoulli_mask, elect_and_merge, resca
 
 
 class DareConfig(MergeConfig):
+    example: ClassVar[dict] = {"density": 0.5, "seed": 1}
     method: Literal["dare"] = "dare"
     density: float = Density
     rescale: Literal["inverse", "l1"] = "inverse"

@@ -4,7 +4,7 @@ mergekit's ``linear`` (which averages the weights themselves: the same up to rou
 Σ wᵢ (W_base + τᵢ) / Σ wᵢ = W_base + Σ wᵢ τᵢ / Σ wᵢ)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -13,6 +13,7 @@ from slimtune.merge.registry import MERGES
 
 
 class LinearConfig(MergeConfig):
+    example: ClassVar[dict] = {}
     method: Literal["linear"] = "linear"
     normalize: bool = True
 

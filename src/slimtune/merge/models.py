@@ -10,7 +10,8 @@ Then each tensor of the base is read once from every input (``safe_open``), merg
 (τᵢ = Wᵢ − W_base, :data:`~slimtune.merge.registry.MERGES`), cast back to the base's dtype and
 written into shards planned from the base's sizes, inside an atomic output directory: three
 inputs cost about one output shard plus one tensor per input of memory, and an interrupted merge
-leaves nothing behind. Non-float tensors are copied from the base. Methods that draw random
+leaves nothing behind. Non-float tensors are copied from the base (an input may lack them, as
+re-saved BERT models lack ``position_ids``). Methods that draw random
 numbers use one generator seeded once for the whole run, so results are deterministic per seed.
 """
 from __future__ import annotations
@@ -126,7 +127,9 @@ def check_inputs(spec: MergeFile) -> tuple[Path, list[Path], dict]:
                 raise ValueError(f"{where}: {key} {config.get(key)!r} differs from the base's "
                                  f"{base_config.get(key)!r}")
         theirs = tensor_shapes(tensor_files(path))
-        for name, (shape, _) in shapes.items():
+        for name, (shape, dtype) in shapes.items():
+            if name not in theirs and dtype not in FLOAT_DTYPES:
+                continue  # a buffer such as BERT's position_ids: copied from the base
             if name not in theirs:
                 raise ValueError(f"{where}: tensor {name} is missing")
             if theirs[name][0] != shape:
@@ -180,7 +183,8 @@ def merge_models(config: dict | str | os.PathLike, out: str | os.PathLike,
             tensors = {}
             for name in shard:
                 tensors[name] = merged_tensor(name, opened[base_files[name]],
-                                              [opened[files[name]] for files in model_files],
+                                              [opened[files[name]] for files in model_files
+                                               if name in files],
                                               weights, merge, method_config, generator)
                 weight_map[name] = file
                 bar.advance(task)
@@ -201,6 +205,7 @@ def merge_models(config: dict | str | os.PathLike, out: str | os.PathLike,
     return Path(out)
 
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
                       "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}

@@ -21,6 +21,7 @@ EPS = 1e-8
 
 class SlerpConfig(MergeConfig):
     n_models: ClassVar[int] = 2
+    example: ClassVar[dict] = {"t": 0.3}
     method: Literal["slerp"] = "slerp"
     t: float = Field(..., ge=0, le=1, description="0: the first model, 1: the second")
 

@@ -3,7 +3,7 @@
 ``task_arithmetic`` (``normalize: false``, its default for this method)."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -12,6 +12,7 @@ from slimtune.merge.registry import MERGES
 
 
 class TaskArithmeticConfig(MergeConfig):
+    example: ClassVar[dict] = {"lambda": 0.5}
     method: Literal["task_arithmetic"] = "task_arithmetic"
     lambda_: float = Lambda
 

@@ -15,7 +15,7 @@ Reported (METHODS.md): none for this scale.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -25,6 +25,7 @@ from slimtune.weights.task_vectors import elect_and_merge, keep_top_magnitude
 
 
 class TiesConfig(MergeConfig):
+    example: ClassVar[dict] = {"density": 0.5}
     method: Literal["ties"] = "ties"
     density: float = Density
     lambda_: float = Lambda
