@@ -98,15 +98,11 @@ class InputStatistics:
 
     def _add_gram(self, tokens: torch.Tensor) -> None:
         """Add ``tokens^T tokens`` to the upper block triangle of the sums."""
-        if self.product_dtype == self.dtype:
-            for i in range(0, self.n_features, GRAM_BLOCK):
-                self.gram_sum[i:i + GRAM_BLOCK, i:].addmm_(tokens[:, i:i + GRAM_BLOCK].mT,
-                                                           tokens[:, i:])
-            return
-        with bfloat16_products(tokens.device):
-            for i in range(0, self.n_features, GRAM_BLOCK_LOW):
-                self.gram_sum[i:i + GRAM_BLOCK_LOW, i:].addmm_(tokens[:, i:i + GRAM_BLOCK_LOW].mT,
-                                                               tokens[:, i:])
+        low = self.product_dtype != self.dtype
+        rows = GRAM_BLOCK_LOW if low else GRAM_BLOCK
+        with bfloat16_products(tokens.device) if low else contextlib.nullcontext():
+            for i in range(0, self.n_features, rows):
+                self.gram_sum[i:i + rows, i:].addmm_(tokens[:, i:i + rows].mT, tokens[:, i:])
 
     def _require_tokens(self) -> None:
         if self.n_tokens == 0:
