@@ -26,7 +26,7 @@ def test_help(command):
 @pytest.mark.parametrize("args, message", [
     (["--model", "no-such-model", "--data", "ptb"], "unknown model 'no-such-model'"),
     (["--model", "smollm2-135m", "--data", "wikitext"],
-     "unknown text data set 'wikitext'; valid: ptb, austen or a UTF-8 text file"),
+     "unknown text data set 'wikitext'; valid: ptb, austen, finefoods-text or a UTF-8 text file"),
     (["--model", "smollm2-135m", "--data", "ptb", "--split", "dev"], "unknown split 'dev'"),
     (["--model", "smollm2-135m", "--data", "austen", "--split", "valid"], "unknown split 'valid'"),
     (["--model", "smollm2-135m", "--data", "missing/file.txt"], "does not exist"),

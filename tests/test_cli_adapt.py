@@ -38,7 +38,7 @@ def test_help_lists_the_options():
     (["adapt", "-m", "smollm2-135m", "--method", "nope", "--data", "austen"],
      "unknown method 'nope'"),
     (["adapt", "-m", "smollm2-135m", "--method", "lora", "--data", "wikitext"],
-     "unknown text data set 'wikitext'; valid: ptb, austen or a UTF-8 text file"),
+     "unknown text data set 'wikitext'; valid: ptb, austen, finefoods-text or a UTF-8 text file"),
     (["adapt", "-m", "smollm2-135m", "--method", "lora"], "pass --data"),
     (["adapt", "-m", "smollm2-135m", "--method", "lora", "--task", "finefoods"],
      "finefoods needs an encoder"),

@@ -124,6 +124,19 @@ def test_finefoods_splits():
     assert texts[1].startswith("I absolutely LOVE this dried fruit.") and labels[1] == 1
 
 
+def test_finefoods_text_is_the_reviews_as_text():
+    for split, rows in (("train", 4000), ("test", 1000)):
+        texts, _ = data.load_classification("finefoods", split)
+        text = data.load_text("finefoods-text", split)
+        assert "<br />" not in text
+        assert text.split("\n\n")[0] == texts[0].strip()
+        assert text.count("\n\n") >= rows - 1
+    train, test = (data.load_text("finefoods-text", s) for s in ("train", "test"))
+    assert train.startswith("this stuff is") and test[:200] not in train
+    with pytest.raises(ValueError, match="unknown split 'valid' for 'finefoods-text'"):
+        data.load_text("finefoods-text", "valid")
+
+
 def test_fashion_mnist_splits():
     for split, rows in (("train", 60000), ("test", 10000)):
         images, labels = data.load_images("fashion-mnist", split)
@@ -283,7 +296,7 @@ def write_bad_file(tmp_path, kind):
                                                r"lines\) holds no text")
     assert kind == "unknown name"
     return "wiki", data.UnknownTextSourceError, (r"^unknown text data set 'wiki'; valid: ptb, "
-                                                 r"austen or a UTF-8 text file path$")
+                                                 r"austen, finefoods-text or a UTF-8 text file path$")
 
 
 BAD_TEXT_SOURCES = ["missing", "directory", "not utf-8", "empty", "whitespace", "five lines",

@@ -134,7 +134,7 @@ def test_cli_merges_and_refuses_bad_configs(experts, tmp_path):
     result = CliRunner().invoke(app, ["merge", "--config", str(good), "--out",
                                       str(tmp_path / "m")])
     assert result.exit_code == 0, result.output
-    assert "merged 2 models with task_arithmetic" in result.output
+    assert "merged 2 inputs with task_arithmetic into a model" in result.output
     assert (tmp_path / "m" / "model.safetensors").is_file()
     again = CliRunner().invoke(app, ["merge", "-c", str(good), "-o", str(tmp_path / "m")])
     assert again.exit_code == 2 and "already exists" in again.stderr

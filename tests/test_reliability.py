@@ -110,9 +110,9 @@ def test_adapt_takes_a_text_file_and_lists_only_text_sources(tmp_path, book, no_
         runner.invoke(app, [*lm, "--data", str(book), "--out", str(tmp_path / "a")],
                       catch_exceptions=False)
     result = runner.invoke(app, [*lm, "--data", "wikitext", "--out", str(tmp_path / "b")])
-    assert_one_error(result, "--data: unknown text data set 'wikitext'; valid: ptb, austen or a "
-                             "UTF-8 text file path")
-    assert "finefoods" not in result.stderr
+    assert_one_error(result, "--data: unknown text data set 'wikitext'; valid: ptb, austen, "
+                             "finefoods-text or a UTF-8 text file path")
+    assert "finefoods," not in result.stderr  # the classification task is not offered
     (tmp_path / "latin1.txt").write_bytes(b"caf\xe9\n" * 50)
     result = runner.invoke(app, [*lm, "--data", str(tmp_path / "latin1.txt"), "--out",
                                  str(tmp_path / "c")])

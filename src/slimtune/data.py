@@ -14,6 +14,9 @@ Text (:func:`load_text`, returns one string):
   ``n - n // 10`` are ``train``. Returned: each novel's part joined with ``"\\n"``, the six parts
   joined with ``"\\n\\n"`` in the order of :data:`AUSTEN_NOVELS` (Sense and Sensibility, Pride and
   Prejudice, Mansfield Park, Emma, Northanger Abbey, Persuasion).
+* ``finefoods-text`` -- the ``finefoods`` reviews below as causal-LM text: ``train`` the 4,000
+  training reviews, ``test`` the 1,000 test reviews, each split's reviews (HTML line breaks ``<br />``
+  as ``"\\n"``, stripped, in the package's order) joined with ``"\\n\\n"``; scores unused.
 * a UTF-8 text file -- any other value naming an existing file (``~`` expanded) is read as UTF-8,
   with Python's universal newlines (``\\r\\n`` and ``\\r`` become ``\\n``), and split like one
   Austen novel: of its ``n`` lines (``text.split("\\n")``, so a final newline makes a last empty
@@ -60,7 +63,8 @@ import numpy as np
 from slimtune.io.paths import looks_like_path
 from slimtune.io.rlazyload import read_lazyload
 
-TEXT_DATASETS: dict[str, tuple[str, ...]] = {"ptb": ("train", "valid", "test"), "austen": ("train", "test")}
+TEXT_DATASETS: dict[str, tuple[str, ...]] = {"ptb": ("train", "valid", "test"), "austen": ("train", "test"),
+                                             "finefoods-text": ("train", "test")}
 CLASSIFICATION_DATASETS: dict[str, tuple[str, ...]] = {"finefoods": ("train", "test")}
 IMAGE_DATASETS: dict[str, tuple[str, ...]] = {"fashion-mnist": ("train", "test")}
 
@@ -243,6 +247,9 @@ def load_text(name_or_path: str, split: str) -> str:
     _check_choice("text", TEXT_DATASETS, name_or_path, split)
     if name_or_path == "ptb":
         return _ptb_text(split)
+    if name_or_path == "finefoods-text":
+        texts, _ = load_classification("finefoods", split)
+        return "\n\n".join(text.replace("<br />", "\n").strip() for text in texts)
     novels = austen_novels()
     return "\n\n".join("\n".join(austen_split_lines(novels[novel], split)) for novel in AUSTEN_NOVELS)
 

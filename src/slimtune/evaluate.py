@@ -25,7 +25,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,8 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int = 512,
-               max_tokens: int | None = None, batch_size: int = 1, progress: bool = True) -> dict:
+               max_tokens: int | None = None, batch_size: int = 1, progress: bool = True,
+               logits_hook: Callable[[torch.Tensor], None] | None = None) -> dict:
     """Perplexity of a causal LM on ``token_ids`` by the protocol in the module docstring.
 
     ``model(input_ids=..., use_cache=False)`` must return an object with ``.logits`` ``[B, T, vocab]``. Windows are
@@ -59,7 +60,9 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int = 512,
     the call and its previous mode restored. Returns ``{"perplexity", "nll", "tokens"`` (scored
     tokens), ``"windows", "seqlen", "seconds"`` (scoring loop wall time), ``"tokens_per_s"``
     (input tokens / seconds), ``"peak_rss_mb"}``. Raises ``ValueError`` on bad arguments or fewer
-    than ``seqlen`` tokens.
+    than ``seqlen`` tokens. ``logits_hook(logits)``, if given, sees every batch's logits
+    ``[B, seqlen, vocab]`` (under ``torch.inference_mode``): other measures on the same windows,
+    e.g. :func:`slimtune.analyze.nuclear_norm.nuclear_norm_and_perplexity`.
     """
     if token_ids.ndim != 1 or token_ids.dtype != torch.long:
         raise ValueError(f"token_ids must be a 1-D LongTensor, got {token_ids.dtype} "
@@ -91,6 +94,8 @@ def perplexity(model: nn.Module, token_ids: torch.Tensor, seqlen: int = 512,
             for first in range(0, n_windows, batch_size):
                 batch = windows[first:first + batch_size]
                 logits = model(input_ids=batch, use_cache=False).logits
+                if logits_hook is not None:
+                    logits_hook(logits)
                 loss = F.cross_entropy(logits.view(-1, logits.shape[-1]),
                                        targets[first:first + batch_size].reshape(-1),
                                        ignore_index=-100, reduction="sum")

@@ -83,6 +83,15 @@ COMMANDS = [
     Command("merge", lambda ws, out: ["merge", "--config", merge_config(ws), "--out", out],
             model_args=lambda ws, out, model: ["merge", "--config", merge_config(ws, model),
                                                "--out", out]),
+    Command("merge-adapters", lambda ws, out: ["merge", "--config", adapters_config(ws),
+                                               "--out", out],
+            model_args=lambda ws, out, model: ["merge", "--config",
+                                               adapters_config(ws, model), "--out", out]),
+    Command("compare", lambda ws, out: ["compare", "--base", "minilm-l6", "--models",
+                                        ws.inputs["adapter"], "--out", out],
+            model_args=lambda ws, out, model: ["compare", "--base", "minilm-l6", "--models",
+                                               model, "--out", out],
+            overwrite="", slow=True, last_write="alignment.png"),
 ]
 WRITERS = [c for c in COMMANDS if c.writes]
 
@@ -97,6 +106,18 @@ def merge_config(ws: Workspace, model=None) -> Path:
     path = ws.root / "merge.yaml"
     models = [ws.inputs["dense_rtn"], model or resolve_model_dir("minilm-l6")]
     path.write_text(yaml.safe_dump({"method": "ties", "base": "minilm-l6", "density": 0.5,
+                                    "models": [{"path": str(m)} for m in models]}))
+    return path
+
+
+def adapters_config(ws: Workspace, model=None) -> Path:
+    """A factored linear merge of the shared LoRA adapter with itself (or with ``model``): the
+    output is an adapter directory."""
+    import yaml
+
+    path = ws.root / "merge-adapters.yaml"
+    models = [ws.inputs["adapter"], model or ws.inputs["adapter"]]
+    path.write_text(yaml.safe_dump({"method": "linear", "base": "minilm-l6",
                                     "models": [{"path": str(m)} for m in models]}))
     return path
 

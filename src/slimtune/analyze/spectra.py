@@ -131,11 +131,7 @@ def plot_spectra(rows: list[dict], path: str | os.PathLike, title: str | None = 
             colour = "black" if row["depth"] is None else colours.to_rgba(row["depth"])
             ax.plot(range(1, len(ratio) + 1), ratio, color=colour, linewidth=0.8)
         shape = next(r["shape"] for r in rows if r["type"] == layer_type)
-        ax.set_yscale("log")
-        ax.set_title(f"{layer_type} {shape[0]}×{shape[1]}", fontsize=9)
-        ax.set_xlabel("index i")
-        ax.set_ylabel("σ_i / σ_1")
-        ax.grid(True, which="major", alpha=0.3)
+        format_spectrum_axis(ax, f"{layer_type} {shape[0]}×{shape[1]}")
     for ax in axes[len(types):]:
         ax.set_visible(False)
     if depths:
@@ -145,3 +141,12 @@ def plot_spectra(rows: list[dict], path: str | os.PathLike, title: str | None = 
     with atomic_file(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     return Path(path)
+
+
+def format_spectrum_axis(ax, title: str) -> None:
+    """Log-scale ``σ_i / σ_1`` against ``i``, titled, with a light grid."""
+    ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("index i")
+    ax.set_ylabel("σ_i / σ_1")
+    ax.grid(True, which="major", alpha=0.3)

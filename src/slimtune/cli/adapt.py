@@ -23,7 +23,7 @@ _COMMON = ("method", "r", "alpha", "targets", "seed")  # adapter fields with the
 
 ADAPT_HELP = (
     "Fine-tune a model with an adapter method (or all its weights) and save the adapter.\n\n"
-    "Causal-LM training (--data austen|ptb): random windows of --seqlen tokens (default 256) from "
+    "Causal-LM training (--data austen|ptb|finefoods-text): random windows of --seqlen tokens (default 256) from "
     "the train split; perplexity on the first --eval-tokens tokens of the test split. "
     "Classification (--task finefoods, an encoder such as minilm-l6): a mean-pooled linear head "
     "that trains in full, reviews truncated to --seqlen tokens (default 128); accuracy on the "
@@ -96,7 +96,7 @@ def adapt_command(
                                 "module names (q_proj,v_proj) or a regex on full names."),
     param: List[str] = typer.Option([], "--param", "-p", help="Method parameter key=value "
                                     "(repeatable), e.g. --param svd=exact."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Causal-LM text: austen, ptb "
+    data: Optional[str] = typer.Option(None, "--data", "-d", help="Causal-LM text: austen, ptb, finefoods-text "
                                        "or a UTF-8 text file (its last tenth of lines is the "
                                        "test split)."),
     task: Optional[str] = typer.Option(None, "--task", help="Classification task: finefoods "

@@ -25,7 +25,7 @@ def compress_command(
     recipe: Path = typer.Option(..., "--recipe", "-r", help="YAML recipe file."),
     out: Path = typer.Option(..., "--out", "-o", help="Output model directory (must not exist "
                                                       "unless --overwrite)."),
-    calib: str = typer.Option("ptb", "--calib", help="Calibration text: ptb, austen or a UTF-8 "
+    calib: str = typer.Option("ptb", "--calib", help="Calibration text: ptb, austen, finefoods-text or a UTF-8 "
                                                      "text file (its train split: all but the "
                                                      "last tenth of its lines)."),
     n: int = typer.Option(128, "--n", min=1, help="Number of calibration windows."),

@@ -24,7 +24,7 @@ EVAL_HELP = (
 def eval_command(
     model: str = typer.Option(..., "--model", "-m", help=MODEL_HELP),
     data: str = typer.Option(..., "--data", "-d",
-                             help="Registered text data set (ptb, austen) or a path to a UTF-8 text "
+                             help="Registered text data set (ptb, austen, finefoods-text) or a path to a UTF-8 text "
                                   "file (the whole file is the split; --split is then ignored)."),
     split: str = typer.Option("test", help="Split of a registered data set (ptb: train/valid/test, "
                                            "austen: train/test)."),

@@ -1,7 +1,9 @@
 """Linear merge (weight averaging; "model soups", Wortsman et al. 2022): the weighted mean of the
 models, i.e. of their task vectors, ``Σ wᵢ τᵢ / Σ wᵢ`` (``normalize: false``: ``Σ wᵢ τᵢ``), as
 mergekit's ``linear`` (which averages the weights themselves: the same up to rounding, since
-Σ wᵢ (W_base + τᵢ) / Σ wᵢ = W_base + Σ wᵢ τᵢ / Σ wᵢ)."""
+Σ wᵢ (W_base + τᵢ) / Σ wᵢ = W_base + Σ wᵢ τᵢ / Σ wᵢ). On LoRA adapters it merges without
+densifying, by stacking: ``Σ wᵢ BᵢAᵢ / Σ wᵢ = [c₁B₁, …, cₖBₖ]·[A₁; …; Aₖ]`` with ``cᵢ = wᵢ / Σ w``
+(exact; rank Σ rᵢ; PEFT's ``add_weighted_adapter(combination_type="cat")`` is the same stacking)."""
 from __future__ import annotations
 
 from typing import ClassVar, Literal
@@ -10,6 +12,7 @@ import torch
 
 from slimtune.merge.config import MergeConfig
 from slimtune.merge.registry import MERGES
+from slimtune.weights.lora_merging import stack_factors
 
 
 class LinearConfig(MergeConfig):
@@ -18,15 +21,23 @@ class LinearConfig(MergeConfig):
     normalize: bool = True
 
 
-def merge(stacked: torch.Tensor, weights: torch.Tensor, config: LinearConfig,
-          generator=None, base=None) -> torch.Tensor:
-    total = (stacked * weights).sum(dim=0)
+def coefficients(weights: torch.Tensor, config: LinearConfig) -> torch.Tensor:
     if not config.normalize:
-        return total
+        return weights
     norm = weights.sum()
     if norm == 0:
         raise ValueError("linear: the weights sum to 0; set normalize: false or change them")
-    return total / norm
+    return weights / norm
 
 
-MERGES.register("linear", LinearConfig, merge=merge)
+def merge(stacked: torch.Tensor, weights: torch.Tensor, config: LinearConfig,
+          generator=None, base=None) -> torch.Tensor:
+    return (stacked * coefficients(weights, config)).sum(dim=0)
+
+
+def merge_factors(factors, weights: torch.Tensor, config: LinearConfig, generator=None):
+    return stack_factors(factors, coefficients(weights, config))
+
+
+MERGES.register("linear", LinearConfig, merge=merge, merge_factors=merge_factors,
+                elementwise=lambda config: True)

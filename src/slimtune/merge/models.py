@@ -6,13 +6,23 @@ the method's own keys at the top level. Everything is validated before any tenso
 method and its keys, every path, the architectures, and every tensor's name and shape (from the
 safetensors headers), so a vocabulary or shape mismatch is one error naming the entry and tensor.
 
-Then each tensor of the base is read once from every input (``safe_open``), merged in float32
-(τᵢ = Wᵢ − W_base, :data:`~slimtune.merge.registry.MERGES`), cast back to the base's dtype and
-written into shards planned from the base's sizes, inside an atomic output directory: three
-inputs cost about one output shard plus one tensor per input of memory, and an interrupted merge
-leaves nothing behind. Non-float tensors are copied from the base (an input may lack them, as
-re-saved BERT models lack ``position_ids``). Methods that draw random
-numbers use one generator seeded once for the whole run, so results are deterministic per seed.
+Inputs are Hugging Face model directories or adapter directories (slimtune or PEFT LoRA,
+:mod:`.sources`), in any mix. Each tensor of the base is read once from every input, merged in
+float32 (τᵢ = Wᵢ − W_base, :data:`~slimtune.merge.registry.MERGES`), cast back to the base's
+dtype and streamed into shards planned from the base's sizes (the shard's header is written first,
+:class:`~slimtune.io.safetensors_stream.SafetensorsStream`), inside an atomic output directory:
+memory is about one tensor per input, never a model per input, and an interrupted merge leaves
+nothing behind. Methods whose result at an entry depends only on that entry (hook
+``elementwise``) are merged in chunks of rows of about 16 MB, so even the embedding never sits in
+memory once per input. A method that trims over the whole flattened task vector (hook
+``global_trim``: ``ties`` with ``scope: model``) gets each model's exact magnitude threshold from
+two reading passes first (:class:`~slimtune.weights.magnitude_threshold.KthMagnitude`).
+
+When every input is an adapter and the method merges factors (hook ``merge_factors``: ``linear``,
+``task_arithmetic``, ``flora``, ``knots``, ``lora_lego``), the output is an adapter directory
+(:mod:`.factored`) unless the config says ``output: model``. Non-float tensors are copied from
+the base (an input may lack them, as re-saved BERT models lack ``position_ids``). Methods that
+draw random numbers use one generator seeded once for the whole run: deterministic per seed.
 """
 from __future__ import annotations
 
@@ -22,22 +32,23 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import Literal
 
 import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors import safe_open
-from safetensors.torch import save_file
 
 from slimtune.io.atomic import atomic_dir
+from slimtune.io.safetensors_stream import DTYPES, SafetensorsReader, SafetensorsStream, nbytes
 from slimtune.merge.config import check_model_count
+from slimtune.merge.factored import merge_adapters
 from slimtune.merge.registry import MERGES
-from slimtune.models import resolve_model_dir
+from slimtune.merge.sources import FLOAT_DTYPES, WEIGHT_FILES, open_sources, tensor_files
 from slimtune.progress import progress_bar
 from slimtune.registry import validate
+from slimtune.weights.magnitude_threshold import KthMagnitude
 
 SHARD_BYTES = 2 * 2 ** 30
-WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors")
 
 
 class MergeInput(BaseModel):
@@ -55,6 +66,7 @@ class MergeFile(BaseModel):
     method: str
     base: str
     models: list[MergeInput] = Field(..., min_length=1)
+    output: Literal["auto", "model", "adapter"] = "auto"
 
 
 def load_config(config: dict | str | os.PathLike) -> tuple[MergeFile, BaseModel]:
@@ -72,7 +84,7 @@ def load_config(config: dict | str | os.PathLike) -> tuple[MergeFile, BaseModel]
     method = config.get("method")
     if method not in MERGES:
         raise ValueError(f"merge config: method: {MERGES.unknown(method)}")
-    own = {k: config[k] for k in ("method", "base", "models") if k in config}
+    own = {k: config[k] for k in ("method", "base", "models", "output") if k in config}
     spec = validate(MergeFile, own, "merge config")
     params = {k: v for k, v in config.items() if k not in own}
     method_config = MERGES.make_config(method, "merge config", **params)
@@ -80,66 +92,27 @@ def load_config(config: dict | str | os.PathLike) -> tuple[MergeFile, BaseModel]
     return spec, method_config
 
 
-def tensor_files(directory: Path) -> dict[str, Path]:
-    """{tensor name: safetensors file} of a Hugging Face model directory."""
-    index, single = (directory / f for f in WEIGHT_FILES)
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: directory / file for name, file in weight_map.items()}
-    if single.is_file():
-        with safe_open(str(single), "pt") as f:
-            return {name: single for name in f.keys()}
-    raise ValueError(f"{directory} has no {' or '.join(WEIGHT_FILES)}")
+def check_inputs(spec: MergeFile) -> tuple[Path, list, dict]:
+    """``(base dir, sources, base shapes)`` after every check that needs no tensor data, and the
+    output kind (:func:`output_kind`) checked against them."""
+    base, shapes, sources = open_sources(spec.base, [m.path for m in spec.models])
+    output_kind(spec, sources)
+    return base, sources, shapes
 
 
-def tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """{name: (shape, dtype)} from the safetensors headers (no tensor is read)."""
-    shapes = {}
-    for file in sorted(set(files.values())):
-        with safe_open(str(file), "pt") as f:
-            for name in f.keys():
-                piece = f.get_slice(name)
-                shapes[name] = (tuple(piece.get_shape()), piece.get_dtype())
-    return shapes
-
-
-def check_inputs(spec: MergeFile) -> tuple[Path, list[Path], dict]:
-    """``(base dir, model dirs, base shapes)`` after every check that needs no tensor data."""
-    base = resolve_model_dir(spec.base)
-    if not (base / "config.json").is_file():
-        raise ValueError(f"merge config: base: {spec.base} is not a Hugging Face model directory "
-                         "(no config.json)")
-    base_config = json.loads((base / "config.json").read_text())
-    shapes = tensor_shapes(tensor_files(base))
-    dirs = []
-    for i, entry in enumerate(spec.models):
-        where = f"merge config: models[{i}] ({entry.path})"
-        path = Path(entry.path).expanduser()
-        if not path.is_dir():
-            raise ValueError(f"{where}: path: no such directory")
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{where}: path: not a Hugging Face model directory (no "
-                             "config.json); adapter directories are not supported yet")
-        config = json.loads((path / "config.json").read_text())
-        for key in ("model_type", "architectures", "vocab_size", "hidden_size",
-                    "num_hidden_layers"):
-            if config.get(key) != base_config.get(key):
-                raise ValueError(f"{where}: {key} {config.get(key)!r} differs from the base's "
-                                 f"{base_config.get(key)!r}")
-        theirs = tensor_shapes(tensor_files(path))
-        for name, (shape, dtype) in shapes.items():
-            if name not in theirs and dtype not in FLOAT_DTYPES:
-                continue  # a buffer such as BERT's position_ids: copied from the base
-            if name not in theirs:
-                raise ValueError(f"{where}: tensor {name} is missing")
-            if theirs[name][0] != shape:
-                raise ValueError(f"{where}: tensor {name} has shape {list(theirs[name][0])}, "
-                                 f"the base's is {list(shape)}")
-        extra = sorted(set(theirs) - set(shapes))
-        if extra:
-            raise ValueError(f"{where}: tensors not in the base: {', '.join(extra[:5])}")
-        dirs.append(path)
-    return base, dirs, shapes
+def output_kind(spec: MergeFile, sources: list) -> str:
+    """``"adapter"`` when every input is an adapter and the method merges factors (unless
+    ``output: model``), else ``"model"``; ``output: adapter`` that cannot hold is an error."""
+    factored = MERGES.get(spec.method).hook("merge_factors") is not None
+    adapters = all(s.is_adapter for s in sources)
+    full = [str(s.path) for s in sources if s.is_adapter and s.layout.full]
+    if spec.output == "adapter" and not (factored and adapters and not full):
+        why = ("not every input is an adapter" if not adapters else
+               f"adapters {full} also train full tensors" if full else
+               f"{spec.method} does not merge in factored form (methods that do: "
+               f"{', '.join(n for n in MERGES.names() if MERGES.get(n).hook('merge_factors'))})")
+        raise ValueError(f"merge config: output: adapter: {why}")
+    return "adapter" if spec.output != "model" and factored and adapters and not full else "model"
 
 
 def plan_shards(names: list[str], nbytes: dict[str, int], limit: int) -> list[list[str]]:
@@ -157,66 +130,130 @@ def plan_shards(names: list[str], nbytes: dict[str, int], limit: int) -> list[li
 def merge_models(config: dict | str | os.PathLike, out: str | os.PathLike,
                  overwrite: bool = False, shard_bytes: int = SHARD_BYTES,
                  progress: bool = True) -> Path:
-    """Merge the config's models into a Hugging Face directory ``out`` (see the module doc)."""
+    """Merge the config's models into ``out``: a Hugging Face model directory, or an adapter
+    directory when every input is an adapter and the method merges factors (module doc)."""
     spec, method_config = load_config(config)
-    base, dirs, shapes = check_inputs(spec)
-    merge = MERGES.get(spec.method).hook("merge")
-    base_files, model_files = tensor_files(base), [tensor_files(d) for d in dirs]
-    names = list(shapes)
-    unknown = sorted(n for n, (_, dtype) in shapes.items() if dtype not in SAFETENSORS_DTYPES)
+    base, sources, shapes = check_inputs(spec)
+    unknown = sorted(n for n, (_, dtype) in shapes.items() if dtype not in DTYPES)
     if unknown:
         raise ValueError(f"merge: base tensor {unknown[0]} has dtype {shapes[unknown[0]][1]}, "
-                         f"which is not merged (known: {', '.join(SAFETENSORS_DTYPES)})")
-    nbytes = {n: SAFETENSORS_DTYPES[dtype].itemsize * math.prod(shape)
-              for n, (shape, dtype) in shapes.items()}
-    shards = plan_shards(names, nbytes, shard_bytes)
-    weights = torch.tensor([m.weight for m in spec.models])
-    generator = torch.Generator().manual_seed(getattr(method_config, "seed", 0))
-    bar, task = progress_bar(len(names), f"merge ({spec.method})", progress)
-    with bar, atomic_dir(out, overwrite=overwrite) as tmp, contextlib.ExitStack() as stack:
-        opened = {f: stack.enter_context(safe_open(str(f), "pt"))
-                  for files in (base_files, *model_files) for f in set(files.values())}
-        weight_map = {}
-        for s, shard in enumerate(shards):
-            file = ("model.safetensors" if len(shards) == 1
-                    else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors")
-            tensors = {}
-            for name in shard:
-                tensors[name] = merged_tensor(name, opened[base_files[name]],
-                                              [opened[files[name]] for files in model_files
-                                               if name in files],
-                                              weights, merge, method_config, generator)
-                weight_map[name] = file
-                bar.advance(task)
-            save_file(tensors, str(tmp / file), metadata={"format": "pt"})
-            del tensors
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        for item in base.iterdir():  # config, generation config, tokenizer files
-            if item.is_file() and not item.name.startswith(".") and \
-                    not item.name.endswith(".safetensors") and item.name not in WEIGHT_FILES:
-                shutil.copy2(item, tmp / item.name)
-        manifest = {"merge": {"method": spec.method, "base": spec.base,
-                              "models": [m.model_dump() for m in spec.models],
-                              "params": method_config.model_dump(by_alias=True,
-                                                                 exclude={"method"})}}
+                         f"which is not merged (known: {', '.join(DTYPES)})")
+    manifest = {"merge": {"method": spec.method, "base": spec.base,
+                          "models": [m.model_dump() for m in spec.models],
+                          "params": method_config.model_dump(by_alias=True,
+                                                             exclude={"method"})}}
+    weights = [m.weight for m in spec.models]
+    with atomic_dir(out, overwrite=overwrite) as tmp, contextlib.ExitStack() as stack:
+        base_files = tensor_files(base)
+        base_handles = {f: stack.enter_context(SafetensorsReader(f))
+                        for f in set(base_files.values())}
+        for source in sources:
+            source.open(stack)
+        reader = BaseReader(base_files, base_handles)
+        if output_kind(spec, sources) == "adapter":
+            merge_adapters(tmp, spec, method_config, sources, base, shapes, weights, progress)
+        else:
+            merge_dense(tmp, spec, method_config, sources, reader, shapes, weights, shard_bytes,
+                        progress)
+            for item in base.iterdir():  # config, generation config, tokenizer files
+                if item.is_file() and not item.name.startswith(".") and \
+                        not item.name.endswith(".safetensors") and item.name not in WEIGHT_FILES:
+                    shutil.copy2(item, tmp / item.name)
         (tmp / "slimtune_merge.json").write_text(json.dumps(manifest, indent=2))
     return Path(out)
 
 
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                      "F64": torch.float64, "I64": torch.int64, "I32": torch.int32,
-                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+class BaseReader:
+    """The base's tensors by name (whole, or a range of rows)."""
+
+    def __init__(self, files: dict[str, Path], handles: dict):
+        self.files, self.handles = files, handles
+
+    def __call__(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        return self.handles[self.files[name]].get(name, rows)
 
 
-def merged_tensor(name, base_handle, handles, weights, merge, config, generator):
-    """One output tensor: the base's, plus the method's merge of the inputs' task vectors."""
-    base = base_handle.get_tensor(name)
-    if not base.is_floating_point():
-        return base.contiguous()
-    stacked = torch.stack([h.get_tensor(name).float() - base.float() for h in handles])
+def merge_dense(tmp: Path, spec: MergeFile, config, sources: list, read_base: BaseReader,
+                shapes: dict, weights: list[float], shard_bytes: int, progress: bool) -> None:
+    """Every base tensor merged and streamed into shards (:class:`SafetensorsStream`)."""
+    entry = MERGES.get(spec.method)
+    names = list(shapes)
+    floats = [n for n in names if shapes[n][1] in FLOAT_DTYPES]
+    thresholds = global_thresholds(entry, config, sources, read_base, floats, shapes, progress)
+    chunked = entry.hook("elementwise") is not None and entry.hook("elementwise")(config)
+    sizes = {n: nbytes(dtype, shape) for n, (shape, dtype) in shapes.items()}
+    shards = plan_shards(names, sizes, shard_bytes)
+    w = torch.tensor(weights)
+    generator = torch.Generator().manual_seed(getattr(config, "seed", 0))
+    merge = entry.hook("merge")
+    bar, task = progress_bar(len(names), f"merge ({spec.method})", progress)
+    weight_map = {}
+    with bar:
+        for s, shard in enumerate(shards):
+            file = ("model.safetensors" if len(shards) == 1
+                    else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors")
+            specs = {n: (shapes[n][1], shapes[n][0]) for n in shard}
+            with SafetensorsStream(tmp / file, specs, {"format": "pt"}) as stream:
+                for name in shard:
+                    shape = shapes[name][0]
+                    step = rows_per_chunk(shape) if chunked and len(shape) > 0 else None
+                    parts = [None] if step is None else \
+                        [slice(r, r + step) for r in range(0, shape[0], step)] or [None]
+                    for rows in parts:
+                        base = read_base(name, rows)
+                        if base.is_floating_point():
+                            base = merged_tensor(name, rows, base, sources, w, merge, config,
+                                                 generator, thresholds)
+                        stream.write(name, base.contiguous()) if rows is None else \
+                            stream.write_rows(name, base.contiguous())
+                    weight_map[name] = file
+                    bar.advance(task)
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+CHUNK_BYTES = 16 * 2 ** 20
+
+
+def rows_per_chunk(shape: tuple[int, ...]) -> int:
+    """Rows of a float32 tensor of ``shape`` per chunk of about :data:`CHUNK_BYTES`."""
+    row = 4 * math.prod(shape[1:]) if len(shape) > 1 else 4
+    return max(1, CHUNK_BYTES // max(row, 1))
+
+
+def merged_tensor(name, rows, base, sources, weights, merge, config, generator, thresholds):
+    """One output tensor (or a range of its rows): the base plus the merged task vectors."""
+    stacked = torch.empty((len(sources), *base.shape), dtype=torch.float32)
+    for i, source in enumerate(sources):
+        stacked[i] = source.tensor(name, base, rows)
+        stacked[i] -= base
+        if thresholds is not None:
+            stacked[i] *= stacked[i].abs() >= thresholds[i]
     w = weights.reshape(-1, *[1] * base.dim())
     merged = merge(stacked, w, config, generator, base=base.float())
-    return (base.float() + merged).to(base.dtype).contiguous()
+    del stacked
+    return (merged.add_(base)).to(base.dtype)
+
+
+def global_thresholds(entry, config, sources, read_base, floats, shapes, progress):
+    """Per model, the magnitude above which its task vector is kept when the method trims over
+    the whole flattened task vector (hook ``global_trim``): exact, in two passes."""
+    hook = entry.hook("global_trim")
+    density = hook(config) if hook is not None else None
+    if density is None:
+        return None
+    total = sum(math.prod(shapes[n][0]) for n in floats)
+    finders = [KthMagnitude(total, int(density * total)) for _ in sources]
+    bar, task = progress_bar(2 * len(floats), "global trim threshold", progress)
+    with bar:
+        for _ in range(2):
+            for name in floats:
+                base = read_base(name).float()
+                for source, finder in zip(sources, finders):
+                    finder.count(source.tensor(name, base) - base)
+                bar.advance(task)
+            for finder in finders:
+                if finder.pass_index == 0:
+                    finder.next_pass()
+    return [finder.value() for finder in finders]

@@ -3,8 +3,11 @@ trim each task vector to its top-``density`` magnitudes, elect one sign per entr
 mass (``majority: total``) or by the count of signs (``frequency``), average the entries that
 agree with it, scale by λ.
 
-The trim is per tensor (``int(density · numel)`` entries, as PEFT and mergekit do; the paper
-takes the top-k over the whole flattened task vector). ``convention`` picks how weights enter,
+``scope: tensor`` (default) trims per tensor (``int(density · numel)`` entries, as PEFT and
+mergekit do); ``scope: model`` trims as the paper states it, the top-k over each model's whole
+flattened task vector: a model-level merge finds each model's exact k-th magnitude in two
+streaming passes (hook ``global_trim``) and keeps ``|τ| >= threshold``, after which the elect and
+merge are per entry (the merge then runs on chunks of rows). ``convention`` picks how weights enter,
 where the two peers differ on purpose (:func:`~slimtune.weights.task_vectors.elect_and_merge`):
 ``mergekit`` (default) elects on the weighted vectors and divides by the agreeing weights' sum;
 ``peft`` elects on the unweighted ones and divides by the agreeing count; each also trims ties in
@@ -30,16 +33,22 @@ class TiesConfig(MergeConfig):
     density: float = Density
     lambda_: float = Lambda
     majority: Majority = "total"
+    scope: Literal["tensor", "model"] = "tensor"
     convention: Convention = "mergekit"
     normalize: bool = True
 
 
 def merge(stacked: torch.Tensor, weights: torch.Tensor, config: TiesConfig,
           generator=None, base=None) -> torch.Tensor:
-    order = "topk" if config.convention == "peft" else "argsort"
-    trimmed = torch.stack([keep_top_magnitude(t, config.density, order) for t in stacked])
+    if config.scope == "model":
+        trimmed = stacked  # trimmed over the whole task vector by the caller (global_trim)
+    else:
+        order = "topk" if config.convention == "peft" else "argsort"
+        trimmed = torch.stack([keep_top_magnitude(t, config.density, order) for t in stacked])
     return config.lambda_ * elect_and_merge(trimmed, weights, config.majority, config.convention,
                                             config.normalize)
 
 
-MERGES.register("ties", TiesConfig, merge=merge)
+MERGES.register("ties", TiesConfig, merge=merge,
+                global_trim=lambda config: config.density if config.scope == "model" else None,
+                elementwise=lambda config: config.scope == "model")

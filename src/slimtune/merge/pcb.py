@@ -1,0 +1,76 @@
+"""PCB-Merging (Du et al. 2024, "Parameter Competition Balancing for Model Merging", NeurIPS 2024):
+score every entry of every task vector by its importance within its task (intra-balancing) and its
+agreement with the other tasks (inter-balancing), drop each task's low scores, and average the
+task vectors weighted by the remaining scores. The paper writes
+
+    β_intra,i = softmax(n · Norm(τᵢ ⊙ τᵢ)),   β_inter,i = Σⱼ softmax(Norm(τᵢ ⊙ τⱼ)),
+    βᵢ = β_intra,i ⊙ β_inter,i,   mᵢ = βᵢ ≥ (the (1 − ratio) quantile of βᵢ),
+    τ = λ · Σᵢ (mᵢ ⊙ βᵢ ⊙ τᵢ) / Σᵢ (mᵢ ⊙ βᵢ)
+
+This file follows the authors' reference code instead (github duguodong7/pcb-merging,
+``pcb-merging.py`` ``PCB_merge``, which its README names as the method's implementation), via
+:func:`~slimtune.weights.task_masks.pcb_balancing` and
+:func:`~slimtune.weights.task_masks.pcb_drop_scale`:
+
+    |τ̃ᵢ| = |τᵢ| clamped to its 0.01% and 99.99% order statistics (outliers),
+    β_intra,i = exp(n · Norm(|τ̃ᵢ|)²),   β_inter,i = tanh(τᵢ ⊙ Σⱼ τⱼ),   βᵢ = β_intra,i ⊙ β_inter,i,
+    sᵢ = Norm(max(βᵢ, βᵢ at its ⌊d(1 − ratio)⌋-th smallest)),
+    τ = λ · Σᵢ wᵢ sᵢ ⊙ τ̃ᵢ / max(Σᵢ sᵢ, 1e-12)
+
+with Norm the min-max normalisation over a task's entries. So, unlike the paper's formulas: the
+softmax is the unnormalised ``exp`` (its denominator is a per-task constant, which the min-max
+normalisation of the drop step removes) of the squared normalised magnitude, not of the
+normalised square; inter-balancing is ``tanh`` of ``τᵢ`` times the sum of all task vectors (the
+repository's ``vision_source_code/pcb_ES.py`` has a variant, Σⱼ tanh of products of normalised
+signed magnitudes, and clamps 1% outliers; ``pcb-merging.py`` is the one followed here);
+the kept scores are shifted by the threshold and rescaled to [0, 1] per task (so the entry at the
+threshold gets weight 0, and ``ratio: 1`` still drops each task's lowest-scored entry); and the
+merged entries are the outlier-clamped ``τ̃ᵢ``. ``ratio`` is the fraction of entries kept (the
+reference's ``pcb_ratio``: 0.1 by default in ``PCB_merge``, 0.05 in its evolutionary-search
+script).
+
+Model weights enter as the reference's per-task coefficients ``lams`` (``pcb_ES.py``
+``compute_acc``): the scores are computed on the unweighted task vectors and ``wᵢ`` multiplies
+``τ̃ᵢ`` in the numerator only; λ (``lambda``) scales the result.
+
+Deliberate differences from the reference: everything is per tensor (the reference flattens the
+whole model into one vector); ``exp(n · (x² − 1))`` replaces ``exp(n · x²)`` (a constant factor
+the drop step removes; it cannot overflow for many tasks); a task whose scores are all equal on a
+tensor (e.g. a zero task vector) gets weight 0 there, where the reference divides 0 by 0 (so a
+tensor of one entry is left at the base: its scores cannot be normalised).
+Computed in float32 (float64 for float64 input), returned in the input's dtype. Reported
+(METHODS.md): none for this scale; the abstract reports gains over earlier merging methods
+across tasks, domains, model sizes and LLMs (seeds/003).
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from slimtune.merge.config import Lambda, MergeConfig
+from slimtune.merge.registry import MERGES
+from slimtune.weights.precision import compute_dtype
+from slimtune.weights.task_masks import pcb_balancing, pcb_drop_scale
+
+
+class PCBConfig(MergeConfig):
+    example: ClassVar[dict] = {"ratio": 0.5}
+    method: Literal["pcb"] = "pcb"
+    ratio: float = Field(0.1, gt=0, le=1, description="fraction of each task's entries kept")
+    lambda_: float = Lambda
+
+
+def merge(stacked: torch.Tensor, weights: torch.Tensor, config: PCBConfig, generator=None,
+          base=None) -> torch.Tensor:
+    k = stacked.shape[0]
+    flat = stacked.reshape(k, -1).to(compute_dtype(stacked))
+    w = weights.reshape(k, 1).to(flat.dtype)
+    clamped, beta = pcb_balancing(flat)
+    scale = pcb_drop_scale(beta, config.ratio)
+    merged = (w * scale * clamped).sum(dim=0) / scale.sum(dim=0).clamp(min=1e-12)
+    return (config.lambda_ * merged).reshape(stacked.shape[1:]).to(stacked.dtype)
+
+
+MERGES.register("pcb", PCBConfig, merge=merge)
