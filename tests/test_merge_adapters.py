@@ -13,7 +13,7 @@ from slimtune import adapt
 from slimtune.export.peft import to_peft
 from slimtune.io.adapter_files import read_adapter
 from slimtune.merge import merge_deltas, merge_lora
-from slimtune.merge import models as merge_module
+from slimtune.merge import dense as dense_merge
 from slimtune.merge.models import merge_models
 from slimtune.models import load_model, resolve_model_dir
 
@@ -181,15 +181,29 @@ def test_ties_model_scope_trims_the_whole_task_vector(adapters, tmp_path):
         torch.testing.assert_close(merged[name], want, rtol=0, atol=1e-6)
 
 
-def test_chunked_streaming_equals_whole_tensors(adapters, tmp_path, monkeypatch):
-    dirs, dense = adapters
-    monkeypatch.setattr(merge_module, "CHUNK_BYTES", 4096)
-    out = merge_models(spec("linear", dirs, output="model"), tmp_path / "m", progress=False)
+@pytest.mark.parametrize("method, params", [("linear", {}), ("ties", {"density": 0.3}),
+                                            ("tall_masks", {})])
+def test_chunked_streaming_equals_whole_tensors(adapters, tmp_path, monkeypatch, method, params):
+    """Row chunks of 4 KB: elementwise methods, and TIES's per-tensor trim from streamed
+    thresholds, give what the method gives on whole tensors."""
+    dirs, _ = adapters
+    monkeypatch.setattr(dense_merge, "CHUNK_BYTES", 4096)
+    calls = []
+    find = dense_merge.find_thresholds
+    monkeypatch.setattr(dense_merge, "find_thresholds", lambda *a: calls.append(a[2]) or find(*a))
+    out = merge_models(spec(method, dirs, output="model", **params), tmp_path / "m",
+                       progress=False)
+    assert bool(calls) == (method == "ties")
     merged, base = load_file(str(out / "model.safetensors")), base_state()
+    taus = []
+    for d in dirs:  # bit for bit the task vectors the merge sees
+        layers = {f"{n}.weight": B @ A for n, (B, A) in read_adapter(d).layers.items()}
+        taus.append({n: (base[n] + layers[n]) - base[n] if n in layers else 0 * base[n]
+                     for n in base if base[n].is_floating_point()})
     for name in ("embeddings.word_embeddings.weight", "encoder.layer.4.output.dense.weight",
                  "encoder.layer.4.output.dense.bias"):
-        want = base[name] + merge_deltas("linear", [d[name] - base[name] for d in dense],
-                                         [1.0, 0.5, 2.0])
+        want = base[name] + merge_deltas(method, [t[name] for t in taus], [1.0, 0.5, 2.0],
+                                         **params)
         torch.testing.assert_close(merged[name], want, rtol=0, atol=1e-6)
 
 
@@ -213,3 +227,23 @@ def test_bad_adapter_inputs_are_one_error_before_anything_is_written(adapters, t
         with pytest.raises(ValueError, match=message):
             merge_models(config, tmp_path / f"out{i}", progress=False)
         assert not (tmp_path / f"out{i}").exists()
+
+
+def test_kth_magnitude_counts_what_a_threshold_keeps():
+    from slimtune.weights.magnitude_threshold import KthMagnitude, kth_magnitude
+
+    x = torch.tensor([3.0, -3.0, 3.0, 2.0, -1.0, 0.0, 0.0, 5.0])
+    for k, (value, kept) in enumerate([(float("inf"), 0), (5, 1), (3, 4), (3, 4), (3, 4), (2, 5),
+                                       (1, 6), (0, 8), (0, 8)]):
+        finder = KthMagnitude(8, k)
+        for _ in range(2):
+            finder.count(x[:3])
+            finder.count(x[3:])
+            if finder.pass_index == 0:
+                finder.next_pass()
+        assert (finder.value(), finder.kept()) == (value, kept)
+    g = torch.Generator().manual_seed(0)
+    pieces = [torch.randn(300, 7, generator=g), torch.randn(999, generator=g) * 4]
+    flat = torch.cat([p.reshape(-1) for p in pieces]).abs()
+    for k in (1, 17, 1500, flat.numel()):
+        assert kth_magnitude(pieces, k) == flat.sort(descending=True).values[k - 1]

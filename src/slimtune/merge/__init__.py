@@ -14,7 +14,6 @@ from slimtune.merge import (breadcrumbs, compeft, dare, flora, knots,  # noqa: F
 # (importing registers them)
 from slimtune.merge.config import check_model_count
 from slimtune.merge.registry import MERGES
-from slimtune.weights.magnitude_threshold import kth_magnitude
 
 __all__ = ["MERGES", "merge_deltas", "merge_lora"]
 
@@ -45,11 +44,6 @@ def merge_deltas(method: str, deltas: list[torch.Tensor], weights: list[float] |
     stacked = torch.stack(deltas)
     w = torch.tensor(weights, dtype=stacked.dtype, device=stacked.device)
     w = w.reshape(-1, *[1] * (stacked.dim() - 1))
-    trim = entry.hook("global_trim")
-    density = trim(config) if trim is not None else None
-    if density is not None:  # the whole task vector is this one tensor
-        thresholds = [kth_magnitude([t], int(density * t.numel())) for t in stacked]
-        stacked = torch.stack([t * (t.abs() >= h) for t, h in zip(stacked, thresholds)])
     generator = torch.Generator(stacked.device).manual_seed(getattr(config, "seed", 0))
     return entry.hook("merge")(stacked, w, config, generator, base=base)
 

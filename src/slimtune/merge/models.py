@@ -14,9 +14,9 @@ dtype and streamed into shards planned from the base's sizes (the shard's header
 memory is about one tensor per input, never a model per input, and an interrupted merge leaves
 nothing behind. Methods whose result at an entry depends only on that entry (hook
 ``elementwise``) are merged in chunks of rows of about 16 MB, so even the embedding never sits in
-memory once per input. A method that trims over the whole flattened task vector (hook
-``global_trim``: ``ties`` with ``scope: model``) gets each model's exact magnitude threshold from
-two reading passes first (:class:`~slimtune.weights.magnitude_threshold.KthMagnitude`).
+memory once per input. A method with a magnitude trim (hook ``trim``: ``ties``) has it done from
+exact k-th magnitudes found in streaming passes, over each tensor or (``scope: model``) over the
+whole flattened task vector (:mod:`.dense`).
 
 When every input is an adapter and the method merges factors (hook ``merge_factors``: ``linear``,
 ``task_arithmetic``, ``flora``, ``knots``, ``lora_lego``), the output is an adapter directory
@@ -39,14 +39,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from slimtune.io.atomic import atomic_dir
-from slimtune.io.safetensors_stream import DTYPES, SafetensorsReader, SafetensorsStream, nbytes
+from slimtune.io.safetensors_stream import DTYPES, SafetensorsReader
 from slimtune.merge.config import check_model_count
+from slimtune.merge.dense import merge_dense, plan_shards  # noqa: F401 (plan_shards: API)
 from slimtune.merge.factored import merge_adapters
 from slimtune.merge.registry import MERGES
-from slimtune.merge.sources import FLOAT_DTYPES, WEIGHT_FILES, open_sources, tensor_files
-from slimtune.progress import progress_bar
+from slimtune.merge.sources import WEIGHT_FILES, open_sources, tensor_files
 from slimtune.registry import validate
-from slimtune.weights.magnitude_threshold import KthMagnitude
 
 SHARD_BYTES = 2 * 2 ** 30
 
@@ -115,18 +114,6 @@ def output_kind(spec: MergeFile, sources: list) -> str:
     return "adapter" if spec.output != "model" and factored and adapters and not full else "model"
 
 
-def plan_shards(names: list[str], nbytes: dict[str, int], limit: int) -> list[list[str]]:
-    """Consecutive groups of tensors of at most ``limit`` bytes each (a larger tensor alone)."""
-    shards, size = [[]], 0
-    for name in names:
-        if shards[-1] and size + nbytes[name] > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(name)
-        size += nbytes[name]
-    return shards
-
-
 def merge_models(config: dict | str | os.PathLike, out: str | os.PathLike,
                  overwrite: bool = False, shard_bytes: int = SHARD_BYTES,
                  progress: bool = True) -> Path:
@@ -172,88 +159,5 @@ class BaseReader:
     def __call__(self, name: str, rows: slice | None = None) -> torch.Tensor:
         return self.handles[self.files[name]].get(name, rows)
 
-
-def merge_dense(tmp: Path, spec: MergeFile, config, sources: list, read_base: BaseReader,
-                shapes: dict, weights: list[float], shard_bytes: int, progress: bool) -> None:
-    """Every base tensor merged and streamed into shards (:class:`SafetensorsStream`)."""
-    entry = MERGES.get(spec.method)
-    names = list(shapes)
-    floats = [n for n in names if shapes[n][1] in FLOAT_DTYPES]
-    thresholds = global_thresholds(entry, config, sources, read_base, floats, shapes, progress)
-    chunked = entry.hook("elementwise") is not None and entry.hook("elementwise")(config)
-    sizes = {n: nbytes(dtype, shape) for n, (shape, dtype) in shapes.items()}
-    shards = plan_shards(names, sizes, shard_bytes)
-    w = torch.tensor(weights)
-    generator = torch.Generator().manual_seed(getattr(config, "seed", 0))
-    merge = entry.hook("merge")
-    bar, task = progress_bar(len(names), f"merge ({spec.method})", progress)
-    weight_map = {}
-    with bar:
-        for s, shard in enumerate(shards):
-            file = ("model.safetensors" if len(shards) == 1
-                    else f"model-{s + 1:05d}-of-{len(shards):05d}.safetensors")
-            specs = {n: (shapes[n][1], shapes[n][0]) for n in shard}
-            with SafetensorsStream(tmp / file, specs, {"format": "pt"}) as stream:
-                for name in shard:
-                    shape = shapes[name][0]
-                    step = rows_per_chunk(shape) if chunked and len(shape) > 0 else None
-                    parts = [None] if step is None else \
-                        [slice(r, r + step) for r in range(0, shape[0], step)] or [None]
-                    for rows in parts:
-                        base = read_base(name, rows)
-                        if base.is_floating_point():
-                            base = merged_tensor(name, rows, base, sources, w, merge, config,
-                                                 generator, thresholds)
-                        stream.write(name, base.contiguous()) if rows is None else \
-                            stream.write_rows(name, base.contiguous())
-                    weight_map[name] = file
-                    bar.advance(task)
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
-        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-CHUNK_BYTES = 16 * 2 ** 20
-
-
-def rows_per_chunk(shape: tuple[int, ...]) -> int:
-    """Rows of a float32 tensor of ``shape`` per chunk of about :data:`CHUNK_BYTES`."""
-    row = 4 * math.prod(shape[1:]) if len(shape) > 1 else 4
-    return max(1, CHUNK_BYTES // max(row, 1))
-
-
-def merged_tensor(name, rows, base, sources, weights, merge, config, generator, thresholds):
-    """One output tensor (or a range of its rows): the base plus the merged task vectors."""
-    stacked = torch.empty((len(sources), *base.shape), dtype=torch.float32)
-    for i, source in enumerate(sources):
-        stacked[i] = source.tensor(name, base, rows)
-        stacked[i] -= base
-        if thresholds is not None:
-            stacked[i] *= stacked[i].abs() >= thresholds[i]
-    w = weights.reshape(-1, *[1] * base.dim())
-    merged = merge(stacked, w, config, generator, base=base.float())
-    del stacked
-    return (merged.add_(base)).to(base.dtype)
-
-
-def global_thresholds(entry, config, sources, read_base, floats, shapes, progress):
-    """Per model, the magnitude above which its task vector is kept when the method trims over
-    the whole flattened task vector (hook ``global_trim``): exact, in two passes."""
-    hook = entry.hook("global_trim")
-    density = hook(config) if hook is not None else None
-    if density is None:
-        return None
-    total = sum(math.prod(shapes[n][0]) for n in floats)
-    finders = [KthMagnitude(total, int(density * total)) for _ in sources]
-    bar, task = progress_bar(2 * len(floats), "global trim threshold", progress)
-    with bar:
-        for _ in range(2):
-            for name in floats:
-                base = read_base(name).float()
-                for source, finder in zip(sources, finders):
-                    finder.count(source.tensor(name, base) - base)
-                bar.advance(task)
-            for finder in finders:
-                if finder.pass_index == 0:
-                    finder.next_pass()
-    return [finder.value() for finder in finders]
+    def numel(self, name: str) -> int:
+        return math.prod(self.handles[self.files[name]].shape(name))

@@ -10,12 +10,14 @@ Optional hooks:
 - ``merge_factors(factors, weights, config, generator) -> (B, A)``: the method merges LoRA
   adapters in factored form (``factors``: one ``(Bᵢ, Aᵢ)`` per model, ``ΔWᵢ = Bᵢ·Aᵢ``;
   ``weights``: 1-D), :mod:`slimtune.merge.factored`.
-- ``elementwise(config) -> bool``: the result at an entry depends only on the task vectors at
-  that entry, so a model-level merge may hand ``merge`` a range of rows at a time.
-- ``global_trim(config) -> float | None``: the density of a trim over each model's whole
-  flattened task vector, applied by the caller before ``merge`` (None: no such trim).
+- ``elementwise(config) -> bool``: the result at an entry depends only on the (trimmed) task
+  vectors at that entry, so a model-level merge may hand ``merge`` a range of rows at a time.
+- ``trim(config) -> (scope, density) | None``: the method starts with a magnitude trim, over
+  each tensor (``"tensor"``) or each model's whole flattened task vector (``"model"``); a
+  model-level merge may do it from streamed exact thresholds and then call ``merge(...,
+  trimmed=True)`` (:mod:`slimtune.merge.dense`). Without ``trimmed`` the method trims itself.
 """
 from slimtune.registry import Registry
 
 MERGES = Registry("merge method", required=("merge",),
-                  optional=("merge_factors", "elementwise", "global_trim"))
+                  optional=("merge_factors", "elementwise", "trim"))

@@ -5,9 +5,10 @@ agree with it, scale by λ.
 
 ``scope: tensor`` (default) trims per tensor (``int(density · numel)`` entries, as PEFT and
 mergekit do); ``scope: model`` trims as the paper states it, the top-k over each model's whole
-flattened task vector: a model-level merge finds each model's exact k-th magnitude in two
-streaming passes (hook ``global_trim``) and keeps ``|τ| >= threshold``, after which the elect and
-merge are per entry (the merge then runs on chunks of rows). ``convention`` picks how weights enter,
+flattened task vector, keeping ``|τ| >=`` its exact k-th magnitude (on one tensor,
+:func:`~slimtune.merge.merge_deltas`, that tensor is the whole vector). A model-level merge finds
+the thresholds in streaming passes (hook ``trim``; for ``scope: tensor`` too, on tensors larger
+than one chunk, giving the same trim) and merges the trimmed rows chunk by chunk. ``convention`` picks how weights enter,
 where the two peers differ on purpose (:func:`~slimtune.weights.task_vectors.elect_and_merge`):
 ``mergekit`` (default) elects on the weighted vectors and divides by the agreeing weights' sum;
 ``peft`` elects on the unweighted ones and divides by the agreeing count; each also trims ties in
@@ -24,6 +25,7 @@ import torch
 
 from slimtune.merge.config import Convention, Density, Lambda, Majority, MergeConfig
 from slimtune.merge.registry import MERGES
+from slimtune.weights.magnitude_threshold import kth_magnitude
 from slimtune.weights.task_vectors import elect_and_merge, keep_top_magnitude
 
 
@@ -39,16 +41,19 @@ class TiesConfig(MergeConfig):
 
 
 def merge(stacked: torch.Tensor, weights: torch.Tensor, config: TiesConfig,
-          generator=None, base=None) -> torch.Tensor:
-    if config.scope == "model":
-        trimmed = stacked  # trimmed over the whole task vector by the caller (global_trim)
-    else:
-        order = "topk" if config.convention == "peft" else "argsort"
-        trimmed = torch.stack([keep_top_magnitude(t, config.density, order) for t in stacked])
-    return config.lambda_ * elect_and_merge(trimmed, weights, config.majority, config.convention,
+          generator=None, base=None, trimmed: bool = False) -> torch.Tensor:
+    if not trimmed:
+        stacked = torch.stack([trim(t, config) for t in stacked])
+    return config.lambda_ * elect_and_merge(stacked, weights, config.majority, config.convention,
                                             config.normalize)
 
 
-MERGES.register("ties", TiesConfig, merge=merge,
-                global_trim=lambda config: config.density if config.scope == "model" else None,
-                elementwise=lambda config: config.scope == "model")
+def trim(t: torch.Tensor, config: TiesConfig) -> torch.Tensor:
+    if config.scope == "model":
+        return t * (t.abs() >= kth_magnitude([t], int(config.density * t.numel())))
+    return keep_top_magnitude(t, config.density, "topk" if config.convention == "peft"
+                              else "argsort")
+
+
+MERGES.register("ties", TiesConfig, merge=merge, elementwise=lambda config: True,
+                trim=lambda config: (config.scope, config.density))

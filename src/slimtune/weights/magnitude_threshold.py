@@ -66,6 +66,7 @@ class KthMagnitude:
         self.pass_index = 1
         if self.k > 0:
             self.high, self.rank = _pick(self.counts, self.k)
+            self.above = self.k - self.rank  # entries in higher bins than the k-th's
         self.counts = torch.zeros(LOW_BINS, dtype=torch.int64)
 
     def value(self) -> float:
@@ -77,6 +78,15 @@ class KthMagnitude:
         low, _ = _pick(self.counts, self.rank)
         bits = torch.tensor([(self.high << 16) | low], dtype=torch.int32)
         return float(bits.view(torch.float32))
+
+
+    def kept(self) -> int:
+        """How many entries have ``|x| >= value()``: ``k``, or more when entries equal to the
+        k-th largest are not all needed (a tie across the threshold)."""
+        if self.k == 0:
+            return 0
+        low, _ = _pick(self.counts, self.rank)
+        return self.above + int(self.counts[low:].sum())
 
 
 def kth_magnitude(pieces: list[torch.Tensor], k: int) -> float:

@@ -35,15 +35,24 @@ def keep_top_magnitude(t: torch.Tensor, density: float,
     values) have such ties, so exact parity with either needs its order."""
     if not 0 <= density <= 1:
         raise ValueError(f"density must be in [0, 1], got {density}")
+    if order not in ("topk", "argsort"):
+        raise ValueError(f"order must be 'topk' or 'argsort', got {order!r}")
     k = int(density * t.numel())
     flat = t.reshape(-1)
+    k_kept = max(1, k) if order == "argsort" else k
+    if 0 < k_kept < flat.numel():
+        # the k-th largest magnitude by selection, O(n); exact unless a non-zero tie straddles
+        # it (then only the peer's sort order says which tied entries are kept)
+        size = flat.abs().float()
+        kth = torch.kthvalue(size, flat.numel() - k_kept + 1).values
+        kept = size >= kth
+        if kth == 0 or int(kept.sum()) == k_kept:
+            return t * kept.reshape(t.shape)
     mask = torch.zeros_like(flat, dtype=torch.bool)
     if order == "topk":
         mask[torch.topk(flat.abs(), k=k, largest=True).indices] = True
-    elif order == "argsort":
-        mask[torch.argsort(flat.abs().float(), descending=True)[:max(1, k)]] = True
     else:
-        raise ValueError(f"order must be 'topk' or 'argsort', got {order!r}")
+        mask[torch.argsort(flat.abs().float(), descending=True)[:k_kept]] = True
     return t * mask.reshape(t.shape)
 
 
