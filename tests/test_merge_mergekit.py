@@ -115,8 +115,10 @@ def small_experts(tmp_path_factory):
 def test_model_level_merge_equals_mergekit_yaml(small_experts, tmp_path, method, ours, theirs):
     """The same model directories and config through ``mergekit-yaml`` (in a process without
     slimtune) and ``merge_models``: every tensor within 1e-6. DARE is compared per tensor above
-    (same masks for the same seed); at model level the two tools draw their masks in different
-    orders from their generators, so the models differ by design."""
+    (same masks for the same seed). At model level both tools seed one generator per run and
+    draw masks tensor by tensor; on the three real SmolLM2 experts the outputs were identical
+    (benchmarks/bench_merge_experts.py), but on this two-block model the embedding's masks
+    differ (the draw order differs), so it is not asserted here."""
     import subprocess
     import sys
 
