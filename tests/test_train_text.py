@@ -72,13 +72,14 @@ def test_unknown_names_list_only_what_the_field_takes():
     with pytest.raises(ValueError) as data_error:
         make_train_config(data="wikitext")
     assert str(data_error.value) == ("training: data: unknown data set 'wikitext'; valid: ptb, "
-                                     "austen, finefoods or a UTF-8 text file path")
+                                     "austen, finefoods-text, finefoods or a UTF-8 text file "
+                                     "path")
     with pytest.raises(ValueError) as calib_error:
         make_train_config(data="austen", calib_data="wiki")
     message = str(calib_error.value)
     assert message == ("training: calib_data: unknown calibration text 'wiki'; valid: ptb, "
-                       "austen or a UTF-8 text file path")
-    assert "finefoods" not in message
+                       "austen, finefoods-text or a UTF-8 text file path")
+    assert "finefoods," not in message and "finefoods or" not in message  # not the classifier
     with pytest.raises(ValueError, match="unknown calibration text 'finefoods'"):
         make_train_config(data="austen", calib_data="finefoods")  # classification, not text
 
