@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from slimtune.io.adapter_files import write_lora_adapter
+from slimtune.io.safetensors_stream import DTYPES
 from slimtune.merge.registry import MERGES
 from slimtune.progress import progress_bar
 
@@ -42,6 +43,4 @@ def merge_adapters(tmp: Path, spec, config, sources: list, base: Path, shapes: d
             bar.advance(task)
     base_config = json.loads((base / "config.json").read_text())
     causal = any(a.endswith("ForCausalLM") for a in base_config.get("architectures") or [])
-    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-             "F64": torch.float64}[shapes[names[0]][1]]
-    write_lora_adapter(tmp, merged, str(base), dtype, causal)
+    write_lora_adapter(tmp, merged, str(base), DTYPES[shapes[names[0]][1]], causal)
