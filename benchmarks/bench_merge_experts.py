@@ -42,12 +42,16 @@ FULL = {  # method -> (our config keys, mergekit method and global parameters) o
     "linear": ({}, ("linear", {"normalize": True})),
     "task_arithmetic": ({"lambda": 1.0}, ("task_arithmetic", {"lambda": 1.0})),
     "ties": ({"density": 0.5}, ("ties", {"density": 0.5, "normalize": True})),
+    "ties_peer": ({"method": "ties", "density": 0.5, "tie_break": "peer"},
+                  ("ties", {"density": 0.5, "normalize": True})),
     "ties_model": ({"method": "ties", "density": 0.5, "scope": "model"}, None),
     "dare": ({"density": 0.5, "rescale": "l1", "then": "ties", "seed": 0},
              ("dare_ties", {"density": 0.5})),
     "dare_inverse": ({"method": "dare", "density": 0.5, "seed": 0}, None),
     "breadcrumbs": ({"density": 0.5, "gamma": 0.01}, ("breadcrumbs", {"density": 0.5,
                                                                       "gamma": 0.01})),
+    "breadcrumbs_peer": ({"method": "breadcrumbs", "density": 0.5, "gamma": 0.01,
+                          "tie_break": "peer"}, ("breadcrumbs", {"density": 0.5, "gamma": 0.01})),
     "slerp": ({"t": 0.5}, ("slerp", {"t": 0.5})),
     "pcb": ({"ratio": 0.1}, None),
     "tall_masks": ({"lambdas": 0.4, "consensus": 2}, None),
@@ -98,12 +102,13 @@ def tensors(d):
     files = sorted(Path(d).glob("*.safetensors"))
     return {k: (f, k) for f in files for k in safe_open(str(f), "pt").keys()}
 a, b = tensors(sys.argv[1]), tensors(sys.argv[2])
-worst, names = 0.0, sorted(set(a) & set(b))
+worst, differ, names = 0.0, 0, sorted(set(a) & set(b))
 for n in names:
     x = safe_open(str(a[n][0]), "pt").get_tensor(n).double()
     y = safe_open(str(b[n][0]), "pt").get_tensor(n).double()
     worst = max(worst, float((x - y).abs().max()))
-print(worst, len(names), len(set(a) ^ set(b)))
+    differ += int(((x - y).abs() > 1e-6).sum())
+print(worst, len(names), len(set(a) ^ set(b)), differ)
 """
 
 
@@ -189,8 +194,9 @@ def merge_mergekit(config: dict, out: Path, args) -> tuple[float, float]:
 
 def max_difference(a: Path, b: Path) -> dict:
     _, _, out = run_child([sys.executable, "-c", DIFF, str(a), str(b)], thread_env(1))
-    worst, shared, unshared = out.split()
-    return {"max_abs_diff": float(worst), "tensors": int(shared), "unshared": int(unshared)}
+    worst, shared, unshared, differ = out.split()
+    return {"max_abs_diff": float(worst), "tensors": int(shared), "unshared": int(unshared),
+            "entries_over_1e-6": int(differ)}
 
 
 def normalised(ppl: dict, experts: dict) -> dict:
@@ -257,15 +263,17 @@ def table(args) -> None:
         print(f"| {name} | " + " | ".join(f"{r['ppl'][d]:.2f}" for d in DOMAINS) + " |")
     print()
     print("| inputs | method | output | " + " | ".join(f"{d} / expert" for d in DOMAINS) +
-          " | mean | merge s | peak RSS MB | mergekit s | mergekit RSS MB | max abs diff |")
-    print("|---|---|---|" + "---|" * (len(DOMAINS) + 6))
+          " | mean | merge s | peak RSS MB | mergekit s | mergekit RSS MB | max abs diff |"
+          " entries > 1e-6 |")
+    print("|---|---|---|" + "---|" * (len(DOMAINS) + 7))
     for r in rows:
         if r["kind"] == "reference":
             continue
         peer = r.get("mergekit")
         cells = [f"{r['normalised'][d]:.3f}" for d in DOMAINS]
         peer_cells = ([f"{peer['seconds']:.1f}", f"{peer['peak_rss_mb']:.0f}",
-                       f"{peer['max_abs_diff']:.1e}"] if peer else ["-", "-", "-"])
+                       f"{peer['max_abs_diff']:.1e}", str(peer.get("entries_over_1e-6", "-"))]
+                      if peer else ["-", "-", "-", "-"])
         print(f"| {r['kind']} | {r['method']} | {r['output']} | " + " | ".join(cells) +
               f" | {r['mean_normalised']:.3f} | {r['seconds']:.1f} | {r['peak_rss_mb']:.0f} | " +
               " | ".join(peer_cells) + " |")

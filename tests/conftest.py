@@ -41,3 +41,27 @@ def ptb_test_ids(smollm2):
 
     _, tok = smollm2
     return torch.tensor(tok(load_text("ptb", "test"))["input_ids"], dtype=torch.long)
+
+
+@pytest.fixture(scope="session")
+def minilm_experts(tmp_path_factory):
+    """MiniLM and two 'experts': its float tensors plus seeded random task vectors."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from slimtune.models import resolve_model_dir
+    base = resolve_model_dir("minilm-l6")
+    root = tmp_path_factory.mktemp("experts")
+    state = load_file(str(base / "model.safetensors"))
+    dirs = []
+    for k in range(2):  # expert 1 lacks the non-float buffers (as a re-saved model does)
+        g = torch.Generator().manual_seed(k)
+        tuned = {n: (t + 0.01 * torch.randn(t.shape, generator=g) if t.is_floating_point()
+                     else t) for n, t in state.items() if k == 0 or t.is_floating_point()}
+        d = root / f"expert{k}"
+        d.mkdir()
+        save_file(tuned, str(d / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copy2(base / "config.json", d / "config.json")
+        dirs.append(d)
+    return base, dirs, state

@@ -50,9 +50,17 @@ def test_task_arithmetic_equals_peft(real_deltas, weights):
 @pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], WEIGHTS])
 def test_ties_peft_convention_equals_peft(real_deltas, majority, weights):
     got = merge_deltas("ties", real_deltas, weights, density=0.3, majority=majority,
-                       convention="peft")
+                       convention="peft", tie_break="peer")
     want = peft_merge.ties(real_deltas, torch.tensor(weights), 0.3, majority)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+    # the default tie_break (index) differs only where a task's tied entries were chosen
+    index = merge_deltas("ties", real_deltas, weights, density=0.3, majority=majority,
+                         convention="peft")
+    differ = (index - want).abs() > 1e-7
+    thresholds = [d.abs().reshape(-1).kthvalue(d.numel() - int(0.3 * d.numel()) + 1).values
+                  for d in real_deltas]
+    at_threshold = sum((d.abs() == t).int() for d, t in zip(real_deltas, thresholds)) > 0
+    assert 0 < int(differ.sum()) < 1e-3 * differ.numel() and bool(at_threshold[differ].all())
 
 
 def test_ties_conventions_agree_for_unit_weights_and_differ_otherwise(real_deltas):

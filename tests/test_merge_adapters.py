@@ -184,13 +184,13 @@ def test_ties_model_scope_trims_the_whole_task_vector(adapters, tmp_path):
 @pytest.mark.parametrize("method, params", [("linear", {}), ("ties", {"density": 0.3}),
                                             ("tall_masks", {})])
 def test_chunked_streaming_equals_whole_tensors(adapters, tmp_path, monkeypatch, method, params):
-    """Row chunks of 4 KB: elementwise methods, and TIES's per-tensor trim from streamed
-    thresholds, give what the method gives on whole tensors."""
+    """Row chunks of 4 KB: elementwise methods, and TIES's per-tensor trim from its stream's
+    exact masks, give what the method gives on whole tensors."""
     dirs, _ = adapters
     monkeypatch.setattr(dense_merge, "CHUNK_BYTES", 4096)
     calls = []
-    find = dense_merge.find_thresholds
-    monkeypatch.setattr(dense_merge, "find_thresholds", lambda *a: calls.append(a[2]) or find(*a))
+    streamed = dense_merge.streamed_rows
+    monkeypatch.setattr(dense_merge, "streamed_rows", lambda *a: calls.append(a[0]) or streamed(*a))
     out = merge_models(spec(method, dirs, output="model", **params), tmp_path / "m",
                        progress=False)
     assert bool(calls) == (method == "ties")

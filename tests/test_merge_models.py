@@ -12,33 +12,14 @@ from slimtune.merge.models import merge_models
 from slimtune.models import resolve_model_dir
 
 
-@pytest.fixture(scope="module")
-def experts(tmp_path_factory):
-    """MiniLM and two 'experts': its float tensors plus seeded random task vectors."""
-    base = resolve_model_dir("minilm-l6")
-    root = tmp_path_factory.mktemp("experts")
-    state = load_file(str(base / "model.safetensors"))
-    dirs = []
-    for k in range(2):  # expert 1 lacks the non-float buffers (as a re-saved model does)
-        g = torch.Generator().manual_seed(k)
-        tuned = {n: (t + 0.01 * torch.randn(t.shape, generator=g) if t.is_floating_point()
-                     else t) for n, t in state.items() if k == 0 or t.is_floating_point()}
-        d = root / f"expert{k}"
-        d.mkdir()
-        save_file(tuned, str(d / "model.safetensors"), metadata={"format": "pt"})
-        shutil.copy2(base / "config.json", d / "config.json")
-        dirs.append(d)
-    return base, dirs, state
-
-
 def config(dirs, **params):
     return {"method": "ties", "base": "minilm-l6",
             "models": [{"path": str(d), "weight": w} for d, w in zip(dirs, (1.0, 0.5))],
             "density": 0.5, **params}
 
 
-def test_streamed_merge_equals_merge_deltas_and_loads(experts, tmp_path):
-    base, dirs, state = experts
+def test_streamed_merge_equals_merge_deltas_and_loads(minilm_experts, tmp_path):
+    base, dirs, state = minilm_experts
     out = merge_models(config(dirs), tmp_path / "merged", shard_bytes=20 * 2 ** 20,
                        progress=False)
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -65,8 +46,8 @@ def test_streamed_merge_equals_merge_deltas_and_loads(experts, tmp_path):
                        merged["embeddings.word_embeddings.weight"])
 
 
-def test_dare_merges_are_deterministic_per_seed(experts, tmp_path):
-    _, dirs, _ = experts
+def test_dare_merges_are_deterministic_per_seed(minilm_experts, tmp_path):
+    _, dirs, _ = minilm_experts
     runs = [merge_models(config(dirs, method="dare", seed=s), tmp_path / f"m{i}", progress=False)
             for i, s in enumerate((1, 1, 2))]
     a, b, c = (load_file(str(r / "model.safetensors")) for r in runs)
@@ -111,8 +92,9 @@ def slerp_of_three(c, root, dirs):
     (lambda c, r, d: c["models"].append({"path": str(other_arch(r, d))}),
      r"models\[2\] .*model_type 'roberta' differs"),
 ])
-def test_bad_config_is_one_error_before_anything_is_written(experts, tmp_path, change, message):
-    _, dirs, _ = experts
+def test_bad_config_is_one_error_before_anything_is_written(minilm_experts, tmp_path, change,
+                                                           message):
+    _, dirs, _ = minilm_experts
     c = config(dirs)
     change(c, tmp_path, dirs)
     with pytest.raises(ValueError, match=message):
@@ -121,13 +103,13 @@ def test_bad_config_is_one_error_before_anything_is_written(experts, tmp_path, c
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
 
-def test_cli_merges_and_refuses_bad_configs(experts, tmp_path):
+def test_cli_merges_and_refuses_bad_configs(minilm_experts, tmp_path):
     import yaml
     from typer.testing import CliRunner
 
     from slimtune.cli import app
 
-    _, dirs, _ = experts
+    _, dirs, _ = minilm_experts
     text = {k: v for k, v in config(dirs, method="task_arithmetic").items() if k != "density"}
     good = tmp_path / "merge.yaml"
     good.write_text(yaml.safe_dump(text | {"lambda": 0.5}))
@@ -169,10 +151,10 @@ def test_a_dtype_that_is_not_merged_is_named_before_work(tmp_path):
 
 
 @pytest.mark.parametrize("method", MERGES.names())
-def test_every_registered_method_writes_a_model_transformers_loads(experts, tmp_path, method):
+def test_every_registered_method_writes_a_model_transformers_loads(minilm_experts, tmp_path, method):
     from transformers import AutoModel
 
-    _, dirs, state = experts
+    _, dirs, state = minilm_experts
     config = MERGES.get(method).config
     c = {"method": method, "base": "minilm-l6", **config.example,
          "models": [{"path": str(d)} for d in dirs][:config.n_models or 2]}

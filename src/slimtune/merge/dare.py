@@ -7,12 +7,16 @@ rescale what is kept, then merge ``linear`` (λ Σ wᵢ τ̃ᵢ, PEFT's ``dare_l
 ``l1`` matches the kept entries' L1 norm to the undropped vector's (mergekit's ``rescale``). The
 masks come from a ``torch.Generator`` seeded with ``seed``, drawn task by task with
 ``torch.bernoulli`` (so the same seed gives PEFT's and mergekit's masks after
-``torch.manual_seed(seed)``). With ``then: ties``, ``normalize`` (default false, as mergekit's
+``torch.manual_seed(seed)``; ``torch.bernoulli`` with a tensor of probabilities draws entry by
+entry, so a tensor too large for memory is streamed in ranges of rows with the same masks: hook
+``stream``, one generator per task placed where that task's draws start, and for ``l1`` a
+counting pass for the two norms). With ``then: ties``, ``normalize`` (default false, as mergekit's
 ``dare_ties``) divides the agreeing entries as :mod:`slimtune.merge.ties` does; PEFT's
 ``dare_ties`` is ``convention: peft, normalize: true``.
 """
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Literal
 
 import torch
@@ -39,10 +43,63 @@ def merge(stacked: torch.Tensor, weights: torch.Tensor, config: DareConfig,
           generator: torch.Generator | None = None, base=None) -> torch.Tensor:
     kept = torch.stack([rescale_kept(t, t * bernoulli_mask(t, config.density, generator),
                                      config.density, config.rescale) for t in stacked])
+    return combine(kept, weights, config)
+
+
+def combine(kept: torch.Tensor, weights: torch.Tensor, config: DareConfig) -> torch.Tensor:
     if config.then == "linear":
         return config.lambda_ * (kept * weights).sum(dim=0)
     return config.lambda_ * elect_and_merge(kept, weights, config.majority, config.convention,
                                             config.normalize)
 
 
-MERGES.register("dare", DareConfig, merge=merge)
+def skip_draws(generator: torch.Generator, count: int, step: int = 1 << 22) -> None:
+    """Advance ``generator`` past the draws of ``count`` Bernoulli entries."""
+    for start in range(0, count, step):
+        torch.bernoulli(torch.full((min(step, count - start),), 0.5), generator=generator)
+
+
+class DareStream:
+    """Task i's draws start where task i − 1's whole tensor ended, as in :func:`merge`."""
+
+    def __init__(self, config: DareConfig, weights: torch.Tensor, shape: tuple[int, ...],
+                 generator: torch.Generator):
+        n, k = math.prod(shape), weights.shape[0]
+        self.starts = [generator.get_state()]
+        for _ in range(k):
+            skip_draws(generator, n)
+            self.starts.append(generator.get_state())
+        self.config, self.weights, self.whole = config, weights, False
+        self.passes = 0 if config.rescale == "l1" else 1
+        self.norms = torch.zeros(k, 2, dtype=torch.float64)  # ‖τᵢ‖₁, ‖kept τᵢ‖₁
+        self.restart()
+
+    def restart(self) -> None:
+        self.generators = [torch.Generator().set_state(state) for state in self.starts[:-1]]
+
+    def wants_pass(self) -> bool:
+        return self.passes < 1
+
+    def observe(self, stacked: torch.Tensor, base: torch.Tensor) -> None:
+        for i, (t, generator) in enumerate(zip(stacked, self.generators)):
+            kept = t * bernoulli_mask(t, self.config.density, generator)
+            self.norms[i, 0] += t.abs().double().sum()
+            self.norms[i, 1] += kept.abs().double().sum()
+
+    def end_pass(self) -> None:
+        self.passes += 1
+        self.restart()
+
+    def merge_rows(self, stacked: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        for i, (t, generator) in enumerate(zip(stacked, self.generators)):
+            t *= bernoulli_mask(t, self.config.density, generator)
+            if self.config.rescale == "inverse":
+                t /= self.config.density
+            elif self.norms[i, 1] > 0:
+                t *= float(self.norms[i, 0]) / float(self.norms[i, 1])
+        return combine(stacked, self.weights, self.config)
+
+
+MERGES.register("dare", DareConfig, merge=merge,
+                stream=lambda config, weights, shape, generator:
+                DareStream(config, weights, shape, generator))

@@ -6,13 +6,15 @@ process holds one tensor per input at most. Less for the methods whose result at
 only on the (trimmed) task vectors at that entry (hook ``elementwise``): they get ranges of rows
 of about :data:`CHUNK_BYTES`.
 
-A method with a magnitude trim (hook ``trim(config) -> (scope, density)``, ``ties``) has it done
-here, from exact k-th magnitudes found in two streaming passes
-(:class:`~slimtune.weights.magnitude_threshold.KthMagnitude`): over each model's whole task
-vector (``"model"``), or over each tensor of more than one chunk (``"tensor"``: the trim a whole
-tensor would get, since entries tied across the threshold are kept only when they are zeros;
-a tensor with a non-zero tie across it is merged whole by the method's own trim). ``merge`` then
-gets ``trimmed=True``.
+A method whose result at an entry needs statistics of the whole tensor (norms, k-th magnitudes,
+order statistics, a random stream) registers hook ``stream``: a tensor larger than one chunk is
+then read range of rows by range of rows, once for each of the stream's counting passes and once
+to merge (:mod:`slimtune.merge.registry` has the protocol), so no input tensor is ever whole in
+memory. A method with a trim over each model's whole flattened task vector (hook ``trim``,
+``ties`` with ``scope: model``) has it done here, from exact k-th magnitudes found in two
+streaming passes over every tensor
+(:class:`~slimtune.weights.magnitude_threshold.KthMagnitude`); ``merge`` then gets
+``trimmed=True``.
 """
 from __future__ import annotations
 
@@ -42,14 +44,20 @@ def row_chunks(shape: tuple[int, ...]) -> list[slice]:
     return [slice(r, r + step) for r in range(0, shape[0], step)]
 
 
+def chunks_of(shape: tuple[int, ...]) -> list[slice] | None:
+    """The ranges of rows a tensor of ``shape`` is read in; None: it fits one chunk."""
+    return row_chunks(shape) if len(shape) > 0 and rows_per_chunk(shape) < shape[0] else None
+
+
 def find_thresholds(sources, read_base, names, density, parts=None) -> list[KthMagnitude]:
-    """One finder per model, after both passes over ``names`` (each in ``parts`` of rows, or
-    whole): the k-th largest ``|τ|`` with ``k = int(density · entries)``."""
+    """One finder per model, after both passes over ``names`` (each in the ranges of rows
+    ``parts(name)`` gives, or whole): the k-th largest ``|τ|`` with ``k = int(density ·
+    entries)``."""
     total = sum(read_base.numel(n) for n in names)
     finders = [KthMagnitude(total, int(density * total)) for _ in sources]
     for _ in range(2):
         for name in names:
-            for rows in parts or [None]:
+            for rows in (parts(name) if parts else None) or [None]:
                 base = read_base(name, rows).float()
                 for source, finder in zip(sources, finders):
                     finder.count(source.tensor(name, base, rows) - base)
@@ -74,12 +82,9 @@ def plan_shards(names: list[str], nbytes: dict[str, int], limit: int) -> list[li
 def merged_tensor(name, rows, base, sources, weights, merge, config, generator, thresholds,
                   trimmed):
     """One output tensor (or a range of its rows): the base plus the merged task vectors."""
-    stacked = torch.empty((len(sources), *base.shape), dtype=torch.float32)
-    for i, source in enumerate(sources):
-        stacked[i] = source.tensor(name, base, rows)
-        stacked[i] -= base
-        if thresholds is not None:
-            stacked[i] *= stacked[i].abs() >= thresholds[i]
+    stacked = stacked_rows(name, rows, base, sources)
+    for i in range(len(sources) if thresholds is not None else 0):
+        stacked[i] *= stacked[i].abs() >= thresholds[i]
     w = weights.reshape(-1, *[1] * base.dim())
     extra = {"trimmed": trimmed} if trimmed is not None else {}
     merged = merge(stacked, w, config, generator, base=base.float(), **extra)
@@ -87,21 +92,51 @@ def merged_tensor(name, rows, base, sources, weights, merge, config, generator, 
     return (merged.add_(base)).to(base.dtype)
 
 
-def tensor_plan(name, shape, trim, elementwise, sources, read_base, model_thresholds):
-    """``(row parts or [None], thresholds, trimmed)`` for one float tensor."""
-    whole = ([None], None, False if trim is not None else None)
-    big = len(shape) > 0 and rows_per_chunk(shape) < shape[0]
-    if trim is not None and trim[0] == "model":
-        return (row_chunks(shape) if elementwise and big else [None]), model_thresholds, True
+def stacked_rows(name, rows, base, sources) -> torch.Tensor:
+    """``[k, *rows]`` float32: every input's task vector at ``rows`` (None: the whole tensor)."""
+    stacked = torch.empty((len(sources), *base.shape), dtype=torch.float32)
+    for i, source in enumerate(sources):
+        stacked[i] = source.tensor(name, base, rows)
+        stacked[i] -= base
+    return stacked
+
+
+def streamed_rows(name, parts, stream, sources, read_base):
+    """The merged task vector of one tensor from a method's stream (hook ``stream``), range of
+    rows by range: its counting passes over every range first; None when the stream asks for
+    the whole tensor instead."""
+    while stream.wants_pass():
+        for rows in parts:
+            base = read_base(name, rows).float()
+            stream.observe(stacked_rows(name, rows, base, sources), base)
+        stream.end_pass()
+        if stream.whole:
+            return None
+    return parts
+
+
+def tensor_pieces(name, shape, plan, sources, read_base, w, merge, config, generator):
+    """``(rows, merged)`` for one float tensor, whole (rows None) or range of rows by range."""
+    trim, elementwise, stream_hook, model_thresholds = plan
+    trimmed = False if trim is not None else None
+    parts = chunks_of(shape)
+    thresholds = None
     if trim is not None:
-        if not (elementwise and big):
-            return whole
-        parts = row_chunks(shape)
-        finders = find_thresholds(sources, read_base, [name], trim[1], parts)
-        if any(f.kept() > f.k and f.value() != 0 for f in finders):
-            return whole  # a non-zero tie across the threshold: the method's exact trim
-        return parts, [f.value() for f in finders], True
-    return (row_chunks(shape) if elementwise and big else [None]), None, None
+        thresholds, trimmed = model_thresholds, True
+    elif parts is not None and stream_hook is not None:
+        stream = stream_hook(config, w.reshape(-1, *[1] * len(shape)), shape, generator)
+        if stream is not None and streamed_rows(name, parts, stream, sources, read_base):
+            for rows in parts:
+                base = read_base(name, rows)
+                merged = stream.merge_rows(stacked_rows(name, rows, base.float(), sources),
+                                           base.float())
+                yield rows, merged.add_(base.float()).to(base.dtype)
+            return
+    if parts is None or not elementwise:
+        parts = [None]
+    for rows in parts:
+        yield rows, merged_tensor(name, rows, read_base(name, rows), sources, w, merge, config,
+                                  generator, thresholds, trimmed)
 
 
 def merge_dense(tmp: Path, spec, config, sources: list, read_base, shapes: dict,
@@ -113,10 +148,11 @@ def merge_dense(tmp: Path, spec, config, sources: list, read_base, shapes: dict,
     trim = entry.hook("trim")(config) if entry.hook("trim") is not None else None
     elementwise = entry.hook("elementwise") is not None and entry.hook("elementwise")(config)
     model_thresholds = None
-    if trim is not None and trim[0] == "model":
+    if trim is not None:
         bar, task = progress_bar(1, "global trim threshold", progress)
         with bar:
-            finders = find_thresholds(sources, read_base, floats, trim[1])
+            finders = find_thresholds(sources, read_base, floats, trim[1],
+                                       lambda n: chunks_of(shapes[n][0]))
             bar.advance(task)
         model_thresholds = [f.value() for f in finders]
     sizes = {n: nbytes(dtype, shape) for n, (shape, dtype) in shapes.items()}
@@ -137,11 +173,9 @@ def merge_dense(tmp: Path, spec, config, sources: list, read_base, shapes: dict,
                     if name not in floats:
                         stream.write(name, read_base(name).contiguous())
                     else:
-                        parts, thresholds, trimmed = tensor_plan(
-                            name, shape, trim, elementwise, sources, read_base, model_thresholds)
-                        for rows in parts:
-                            merged = merged_tensor(name, rows, read_base(name, rows), sources, w,
-                                                   merge, config, generator, thresholds, trimmed)
+                        plan = (trim, elementwise, entry.hook("stream"), model_thresholds)
+                        for rows, merged in tensor_pieces(name, shape, plan, sources, read_base,
+                                                          w, merge, config, generator):
                             if rows is None:
                                 stream.write(name, merged.contiguous())
                             else:

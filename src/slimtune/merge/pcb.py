@@ -38,12 +38,16 @@ whole model into one vector); ``exp(n · (x² − 1))`` replaces ``exp(n · x²)
 the drop step removes; it cannot overflow for many tasks); a task whose scores are all equal on a
 tensor (e.g. a zero task vector) gets weight 0 there, where the reference divides 0 by 0 (so a
 tensor of one entry is left at the base: its scores cannot be normalised).
-Computed in float32 (float64 for float64 input), returned in the input's dtype. Reported
+Computed in float32 (float64 for float64 input), returned in the input's dtype. A tensor too
+large for memory is streamed in ranges of rows (hook ``stream``) with the same result: two
+counting passes for the magnitude clamps' order statistics, two for the score cut (exact k-th
+values, :class:`~slimtune.weights.magnitude_threshold.KthMagnitude`) and the largest score. Reported
 (METHODS.md): none for this scale; the abstract reports gains over earlier merging methods
 across tasks, domains, model sizes and LLMs (seeds/003).
 """
 from __future__ import annotations
 
+import math
 from typing import ClassVar, Literal
 
 import torch
@@ -52,7 +56,9 @@ from pydantic import Field
 from slimtune.merge.config import Lambda, MergeConfig
 from slimtune.merge.registry import MERGES
 from slimtune.weights.precision import compute_dtype
-from slimtune.weights.task_masks import pcb_balancing, pcb_drop_scale
+from slimtune.weights.magnitude_threshold import KthMagnitude
+from slimtune.weights.task_masks import (pcb_balancing, pcb_drop_scale, pcb_scores,
+                                         pcb_statistic_indices, pcb_weights)
 
 
 class PCBConfig(MergeConfig):
@@ -73,4 +79,58 @@ def merge(stacked: torch.Tensor, weights: torch.Tensor, config: PCBConfig, gener
     return (config.lambda_ * merged).reshape(stacked.shape[1:]).to(stacked.dtype)
 
 
-MERGES.register("pcb", PCBConfig, merge=merge)
+class PCBStream:
+    """Passes 1–2: each task's magnitude clamps; passes 3–4: its score cut and maximum."""
+
+    def __init__(self, config: PCBConfig, weights: torch.Tensor, shape: tuple[int, ...]):
+        self.d, self.k = math.prod(shape), weights.shape[0]
+        self.low_rank, self.high_rank, self.cut_rank = pcb_statistic_indices(self.d, config.ratio)
+        self.finders = [[KthMagnitude(self.d, self.d - r) for r in (self.low_rank,
+                                                                     self.high_rank)]
+                        for _ in range(self.k)]
+        self.config, self.weights, self.passes, self.whole = config, weights, 0, False
+        self.top = torch.full((self.k, 1), -math.inf)
+
+    def wants_pass(self) -> bool:
+        return self.passes < 4
+
+    def scores(self, stacked: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return pcb_scores(stacked.reshape(self.k, -1), self.low, self.high)
+
+    def observe(self, stacked: torch.Tensor, base: torch.Tensor) -> None:
+        if self.passes < 2:
+            for finders, t in zip(self.finders, stacked):
+                for finder in finders:
+                    finder.count(t)
+            return
+        beta = self.scores(stacked)[1]
+        for finder, row in zip(self.cuts, beta):
+            finder.count(row)
+        if self.passes == 2:
+            self.top = torch.maximum(self.top, beta.amax(dim=1, keepdim=True))
+
+    def end_pass(self) -> None:
+        self.passes += 1
+        finders = self.finders if self.passes <= 2 else [[f] for f in self.cuts]
+        for f in (f for fs in finders for f in fs):
+            if self.passes in (1, 3):
+                f.next_pass()
+        if self.passes == 2:
+            self.low, self.high = (torch.tensor([[fs[i].value()] for fs in self.finders])
+                                   for i in (0, 1))
+            self.cuts = [KthMagnitude(self.d, self.d - self.cut_rank, signed=True)
+                         for _ in range(self.k)]
+        if self.passes == 4:
+            self.cut = torch.tensor([[f.value()] for f in self.cuts])
+
+    def merge_rows(self, stacked: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        clamped, beta = self.scores(stacked)
+        scale = pcb_weights(beta, self.cut, self.top)
+        w = self.weights.reshape(self.k, 1)
+        merged = (w * scale * clamped).sum(dim=0) / scale.sum(dim=0).clamp(min=1e-12)
+        return (self.config.lambda_ * merged).reshape(stacked.shape[1:])
+
+
+MERGES.register("pcb", PCBConfig, merge=merge,
+                stream=lambda config, weights, shape, generator=None:
+                PCBStream(config, weights, shape))

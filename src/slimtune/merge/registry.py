@@ -12,12 +12,19 @@ Optional hooks:
   ``weights``: 1-D), :mod:`slimtune.merge.factored`.
 - ``elementwise(config) -> bool``: the result at an entry depends only on the (trimmed) task
   vectors at that entry, so a model-level merge may hand ``merge`` a range of rows at a time.
-- ``trim(config) -> (scope, density) | None``: the method starts with a magnitude trim, over
-  each tensor (``"tensor"``) or each model's whole flattened task vector (``"model"``); a
-  model-level merge may do it from streamed exact thresholds and then call ``merge(...,
-  trimmed=True)`` (:mod:`slimtune.merge.dense`). Without ``trimmed`` the method trims itself.
+- ``trim(config) -> ("model", density) | None``: the method starts with a magnitude trim over
+  each model's whole flattened task vector; a model-level merge does it from streamed exact
+  thresholds and then calls ``merge(..., trimmed=True)`` (:mod:`slimtune.merge.dense`). Without
+  ``trimmed`` the method trims itself.
+- ``stream(config, weights, shape, generator) -> TensorStream | None``: the method merges a
+  tensor too large for memory range of rows by range of rows, after counting passes over it.
+  The stream has ``wants_pass() -> bool`` (another counting pass is needed), ``observe(stacked,
+  base)`` (one range of rows of the task vectors ``[k, rows, ...]`` and of the base, in order),
+  ``end_pass()``, ``whole`` (True: merge this tensor whole with ``merge`` after all) and
+  ``merge_rows(stacked, base)`` (the merged task vector of one range, the ranges in order). It
+  must give what ``merge`` gives on the whole tensor (the family's tests check it).
 """
 from slimtune.registry import Registry
 
 MERGES = Registry("merge method", required=("merge",),
-                  optional=("merge_factors", "elementwise", "trim"))
+                  optional=("merge_factors", "elementwise", "trim", "stream"))

@@ -21,7 +21,11 @@ reference keeps ``int(min(m, n) / T)`` triplets per task, 0 for a matrix smaller
 least 1); it zero-pads U, S and V to ``min(m, n)`` columns (the padding multiplies zero singular
 values: the same product); it averages non-2-D tensors without the model weights (the same for
 unit weights). SVDs in float32 (float64 for float64 input), ``torch.linalg.svd`` with
-``full_matrices=False``; returned in the input's dtype. Reported (METHODS.md): none for this
+``full_matrices=False``; returned in the input's dtype. A matrix too large for memory with at
+most :data:`GRAM_COLUMNS` columns (an embedding) is streamed in ranges of rows (hook
+``stream``): each task's ``Vᵢ``, ``Σᵢ`` from its Gram matrix in float64
+(:mod:`~slimtune.weights.gram_factors`), ``U = [Δᵢ Vᵢ Σᵢ⁻¹]`` and ``U_⊥ = U (UᵀU)^{-1/2}`` range
+by range; equal to the whole-matrix merge within float32 SVD error (tests). Reported (METHODS.md): none for this
 scale.
 """
 from __future__ import annotations
@@ -33,8 +37,11 @@ from pydantic import Field
 
 from slimtune.merge.config import MergeConfig
 from slimtune.merge.registry import MERGES
+from slimtune.weights.gram_factors import inverse_sqrt, right_singular
 from slimtune.weights.precision import compute_dtype
-from slimtune.weights.task_subspaces import tsv_factors
+from slimtune.weights.task_subspaces import kept_rank, polar_factor, tsv_factors
+
+GRAM_COLUMNS = 4096
 
 
 class TSVConfig(MergeConfig):
@@ -60,4 +67,53 @@ def merge(stacked: torch.Tensor, weights: torch.Tensor, config: TSVConfig, gener
     return (config.alpha * (U * S) @ Vh).to(stacked.dtype)
 
 
-MERGES.register("tsv", TSVConfig, merge=merge)
+class TSVStream:
+    """Pass 1: each weighted task matrix's Gram; pass 2: ``UᵀU``; then ``U_⊥ S V_⊥ᵀ`` by rows."""
+
+    def __init__(self, config: TSVConfig, weights: torch.Tensor, shape: tuple[int, int]):
+        self.w = weights.reshape(-1).double()
+        fraction = config.fraction if config.fraction is not None else 1 / len(self.w)
+        self.k, self.alpha = kept_rank(shape, fraction), config.alpha
+        self.grams = torch.zeros(len(self.w), shape[1], shape[1], dtype=torch.float64)
+        self.passes, self.whole = 0, False
+
+    def wants_pass(self) -> bool:
+        return self.passes < 2
+
+    def left(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The rows of ``U = [Δ₁ V₁ Σ₁⁻¹, …]`` for these rows of the task matrices."""
+        return torch.cat([(wi * t.double()) @ p for wi, t, p in
+                          zip(self.w, stacked, self.project)], dim=1)
+
+    def observe(self, stacked: torch.Tensor, base: torch.Tensor) -> None:
+        if self.passes == 0:
+            for gram, wi, t in zip(self.grams, self.w, stacked):
+                d = wi * t.double()
+                gram += d.T @ d
+        else:
+            u = self.left(stacked)
+            self.uu += u.T @ u
+
+    def end_pass(self) -> None:
+        self.passes += 1
+        if self.passes == 1:
+            factors = [right_singular(g) for g in self.grams]
+            S = torch.cat([s[:self.k] for s, _ in factors])
+            self.project = [v[:, :self.k] * torch.where(s[:self.k] > 0, 1 / s[:self.k], 0)
+                            for s, v in factors]
+            self.vh = torch.cat([v[:, :self.k].T for _, v in factors])
+            self.S, self.uu = S, torch.zeros(len(S), len(S), dtype=torch.float64)
+        else:
+            self.right = self.alpha * (inverse_sqrt(self.uu) * self.S) @ polar_factor(self.vh)
+
+    def merge_rows(self, stacked: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        return (self.left(stacked) @ self.right).to(stacked.dtype)
+
+
+def stream(config: TSVConfig, weights, shape, generator=None) -> TSVStream | None:
+    if len(shape) != 2 or shape[1] > GRAM_COLUMNS or shape[0] < shape[1]:
+        return None
+    return TSVStream(config, weights, shape)
+
+
+MERGES.register("tsv", TSVConfig, merge=merge, stream=stream)

@@ -10,6 +10,8 @@ functions on the inputs' own device and dtype.
   intra × inter balancing scores.
 - :func:`pcb_drop_scale`: PCB's drop + rescale weights: ``β`` below its row's ``(1 − ratio)``
   quantile set to the quantile, then :func:`minmax_normalize` (so they become 0).
+- :func:`pcb_scores`, :func:`pcb_weights`: the same two from given order statistics, so they can
+  be applied to ranges of a tensor's entries (:func:`pcb_statistic_indices` says which).
 - :func:`tall_masks`: ``|τᵢ| > λᵢ · |τ_MTL − τᵢ|`` per task.
 - :func:`consensus_mask`: the entries at least ``k`` task masks select.
 """
@@ -54,10 +56,30 @@ def pcb_balancing(flat: torch.Tensor, outliers: float = 1e-4
     ``intra`` is the reference's ``exp(n · x²)`` times the constant ``e⁻ⁿ`` (it never overflows;
     :func:`pcb_drop_scale` is unchanged by a positive constant factor, as by the paper's softmax
     denominator)."""
+    low_index, high_index, _ = pcb_statistic_indices(flat.shape[1], 1.0, outliers)
+    size = flat.abs()
+    return pcb_scores(flat, order_statistic(size, low_index), order_statistic(size, high_index))
+
+
+def pcb_statistic_indices(d: int, ratio: float, outliers: float = 1e-4) -> tuple[int, int, int]:
+    """The 0-based ranks (ascending) in a row of ``d`` entries of: the magnitude clamped up to,
+    the magnitude clamped down to, and the score at which :func:`pcb_drop_scale` cuts."""
+    def within(i: int) -> int:
+        return min(max(i, 0), d - 1)
+    return (within(int(d * outliers)), within(int(d * (1 - outliers) - 1)),
+            within(int(d * (1 - ratio))))
+
+
+def pcb_scores(flat: torch.Tensor, low: torch.Tensor, high: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`pcb_balancing` of ``flat`` ``[n, d']`` (all tasks, any range of entries) given
+    each task's magnitude order statistics ``low``, ``high`` ``[n, 1]`` over its whole row."""
     n = flat.shape[0]
-    magnitude = clamp_quantiles(flat.abs(), outliers, outliers)
+    magnitude = torch.clamp(flat.abs(), low, high)
     clamped = flat.sign() * magnitude
-    intra = torch.exp(n * (minmax_normalize(magnitude) ** 2 - 1))
+    span = high - low
+    normalized = torch.where(span > 0, (magnitude - low) / torch.where(span > 0, span, 1), 0)
+    intra = torch.exp(n * (normalized ** 2 - 1))
     inter = torch.tanh(flat * flat.sum(dim=0, keepdim=True))
     return clamped, intra * inter
 
@@ -68,7 +90,16 @@ def pcb_drop_scale(beta: torch.Tensor, ratio: float) -> torch.Tensor:
     ``normalize(clamp(β, 1 − ratio, 0), dim=1)``)."""
     if not 0 < ratio <= 1:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-    return minmax_normalize(clamp_quantiles(beta, 1 - ratio, 0))
+    cut = pcb_statistic_indices(beta.shape[1], ratio)[2]
+    return pcb_weights(beta, order_statistic(beta, cut), beta.amax(dim=1, keepdim=True))
+
+
+def pcb_weights(beta: torch.Tensor, threshold: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """:func:`pcb_drop_scale` of ``beta`` ``[n, d']`` given each row's cut ``threshold`` and
+    maximum ``top`` ``[n, 1]`` over its whole row."""
+    span = top - threshold
+    shifted = torch.clamp(beta, threshold, top) - threshold
+    return torch.where(span > 0, shifted / torch.where(span > 0, span, 1), 0)
 
 
 def tall_masks(stacked: torch.Tensor, multi: torch.Tensor,

@@ -5,7 +5,8 @@ combine the τᵢ of k tasks, stacked as ``[k, *shape]``. Pure tensor functions,
 own device and dtype:
 
 - :func:`keep_top_magnitude`: TIES's trim (Yadav et al. 2023): the ``int(density · numel)``
-  entries of largest ``|τ|`` are kept, the rest set to zero (ties broken as ``torch.topk``).
+  entries of largest ``|τ|`` are kept, the rest set to zero (entries tied in magnitude at the
+  threshold chosen by the lowest index, or in a peer's order).
 - :func:`keep_magnitude_band`: Model Breadcrumbs' mask: the largest ``gamma`` and the smallest
   entries dropped, ``density`` of them kept.
 - :func:`bernoulli_mask`: DARE's drop (Yu et al. 2024): each entry kept with probability
@@ -24,22 +25,32 @@ from typing import Literal
 
 import torch
 
+from slimtune.weights.magnitude_threshold import top_magnitude_mask
 
-def keep_top_magnitude(t: torch.Tensor, density: float,
-                       order: Literal["topk", "argsort"] = "topk") -> torch.Tensor:
-    """``t`` with all but its ``int(density · numel)`` largest-magnitude entries set to zero.
+TieOrder = Literal["index", "topk", "argsort"]
 
-    Entries of equal magnitude at the threshold are chosen as PEFT does (``order="topk"``:
-    ``torch.topk``) or as mergekit does (``"argsort"``: the first k of a descending
-    ``torch.argsort``, and at least one entry); real weights (SmolLM2's are dequantised 4-bit
-    values) have such ties, so exact parity with either needs its order."""
+
+def keep_top_magnitude(t: torch.Tensor, density: float, order: TieOrder = "index",
+                       at_least_one: bool = False) -> torch.Tensor:
+    """``t`` with all but its ``int(density · numel)`` largest-magnitude entries set to zero
+    (at least one with ``at_least_one``, as mergekit).
+
+    Entries of equal magnitude at the threshold are chosen by the lowest flat index
+    (``order="index"``: the same whole or streamed in pieces,
+    :class:`~slimtune.weights.magnitude_threshold.TopMagnitudeMask`), as PEFT does
+    (``"topk"``: ``torch.topk``) or as mergekit does (``"argsort"``: the first k of a
+    descending ``torch.argsort``, and at least one entry). Real weights (SmolLM2's are
+    dequantised 4-bit values) have such ties, so exact parity with a peer needs its order; the
+    peers' orders come from unstable sorts of the whole tensor."""
     if not 0 <= density <= 1:
         raise ValueError(f"density must be in [0, 1], got {density}")
-    if order not in ("topk", "argsort"):
-        raise ValueError(f"order must be 'topk' or 'argsort', got {order!r}")
+    if order not in ("index", "topk", "argsort"):
+        raise ValueError(f"order must be 'index', 'topk' or 'argsort', got {order!r}")
     k = int(density * t.numel())
     flat = t.reshape(-1)
-    k_kept = max(1, k) if order == "argsort" else k
+    k_kept = max(1, k) if order == "argsort" or at_least_one else k
+    if order == "index":
+        return t * top_magnitude_mask(t, min(k_kept, flat.numel()))
     if 0 < k_kept < flat.numel():
         # the k-th largest magnitude by selection, O(n); exact unless a non-zero tie straddles
         # it (then only the peer's sort order says which tied entries are kept)
@@ -56,18 +67,31 @@ def keep_top_magnitude(t: torch.Tensor, density: float,
     return t * mask.reshape(t.shape)
 
 
-def keep_magnitude_band(t: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+def band_sizes(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """``(outliers, keep)``: Breadcrumbs drops the ``outliers`` largest magnitudes of ``n`` and
+    keeps the next ``keep`` (fewer outliers when both cannot hold)."""
+    keep = int(density * n)
+    return n - keep - max(0, n - keep - int(gamma * n)), keep
+
+
+def keep_magnitude_band(t: torch.Tensor, density: float, gamma: float,
+                        order: Literal["index", "sort"] = "index") -> torch.Tensor:
     """Model Breadcrumbs' mask (Davari & Belilovsky 2023): drop the ``int(gamma · numel)``
     largest-magnitude entries (outliers) and then the smallest, keeping ``int(density · numel)``
-    entries (fewer outliers are dropped when both cannot hold). Ties in magnitude are ordered as
-    mergekit orders them (an ascending ``torch.sort``)."""
+    entries (fewer outliers are dropped when both cannot hold). Ties in magnitude are ordered by
+    the lowest index first (``"index"``) or as mergekit orders them (``"sort"``: an ascending
+    ``torch.sort``)."""
     if not 0 < density <= 1 or not 0 <= gamma < 1:
         raise ValueError(f"need density in (0, 1] and gamma in [0, 1), got {density}, {gamma}")
+    if order not in ("index", "sort"):
+        raise ValueError(f"order must be 'index' or 'sort', got {order!r}")
     if density >= 1:
         return t.clone()
     n = t.numel()
-    keep, top = int(density * n), int(gamma * n)
-    bottom = max(0, n - keep - top)
+    top, keep = band_sizes(n, density, gamma)
+    if order == "index":
+        return t * (top_magnitude_mask(t, top + keep) & ~top_magnitude_mask(t, top))
+    bottom = n - keep - top
     order = torch.sort(t.reshape(-1).abs().float(), descending=False).indices
     mask = torch.zeros(n, dtype=torch.bool, device=t.device)
     mask[order[bottom:bottom + keep]] = True
@@ -89,9 +113,9 @@ def rescale_kept(t: torch.Tensor, kept: torch.Tensor, density: float,
     ‖kept‖₁ (unchanged where nothing was kept)."""
     if how == "inverse":
         return kept / density
-    if how == "l1":
-        norm = kept.abs().sum()
-        return kept * (t.abs().sum() / norm) if norm > 0 else kept
+    if how == "l1":  # the norms summed in float64: the same whole or over pieces
+        norm = float(kept.abs().double().sum())
+        return kept * (float(t.abs().double().sum()) / norm) if norm > 0 else kept
     raise ValueError(f"rescale must be 'inverse' or 'l1', got {how!r}")
 
 
