@@ -60,35 +60,42 @@ def skip_draws(generator: torch.Generator, count: int, step: int = 1 << 22) -> N
 
 
 class DareStream:
-    """Task i's draws start where task i − 1's whole tensor ended, as in :func:`merge`."""
+    """Task i's draws start where task i − 1's whole tensor ended, as in :func:`merge`: with
+    ``l1``, one counting pass per task draws its masks in turn and sums its two norms; with
+    ``inverse``, the first k − 1 tasks' draws are skipped to find where each starts. The shared
+    generator ends where the last task's draws end."""
 
     def __init__(self, config: DareConfig, weights: torch.Tensor, shape: tuple[int, ...],
                  generator: torch.Generator):
-        n, k = math.prod(shape), weights.shape[0]
+        self.n, self.k = math.prod(shape), weights.shape[0]
+        self.config, self.weights, self.generator, self.whole = config, weights, generator, False
         self.starts = [generator.get_state()]
-        for _ in range(k):
-            skip_draws(generator, n)
-            self.starts.append(generator.get_state())
-        self.config, self.weights, self.whole = config, weights, False
-        self.passes = 0 if config.rescale == "l1" else 1
-        self.norms = torch.zeros(k, 2, dtype=torch.float64)  # ‖τᵢ‖₁, ‖kept τᵢ‖₁
-        self.restart()
+        self.passes = 0
+        self.norms = torch.zeros(self.k, 2, dtype=torch.float64)  # ‖τᵢ‖₁, ‖kept τᵢ‖₁
+        if config.rescale == "inverse":
+            for _ in range(self.k - 1):
+                skip_draws(generator, self.n)
+                self.starts.append(generator.get_state())
+            self.restart()
 
     def restart(self) -> None:
-        self.generators = [torch.Generator().set_state(state) for state in self.starts[:-1]]
+        self.generators = [torch.Generator().set_state(s) for s in self.starts[:self.k]]
+        self.merged_rows = 0
 
     def wants_pass(self) -> bool:
-        return self.passes < 1
+        return self.config.rescale == "l1" and self.passes < self.k
 
     def observe(self, stacked: torch.Tensor, base: torch.Tensor) -> None:
-        for i, (t, generator) in enumerate(zip(stacked, self.generators)):
-            kept = t * bernoulli_mask(t, self.config.density, generator)
-            self.norms[i, 0] += t.abs().double().sum()
-            self.norms[i, 1] += kept.abs().double().sum()
+        t = stacked[self.passes]
+        kept = t * bernoulli_mask(t, self.config.density, self.generator)
+        self.norms[self.passes, 0] += t.abs().double().sum()
+        self.norms[self.passes, 1] += kept.abs().double().sum()
 
     def end_pass(self) -> None:
         self.passes += 1
-        self.restart()
+        self.starts.append(self.generator.get_state())
+        if self.passes == self.k:
+            self.restart()
 
     def merge_rows(self, stacked: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         for i, (t, generator) in enumerate(zip(stacked, self.generators)):
@@ -97,6 +104,9 @@ class DareStream:
                 t /= self.config.density
             elif self.norms[i, 1] > 0:
                 t *= float(self.norms[i, 0]) / float(self.norms[i, 1])
+        self.merged_rows += stacked[0].numel()
+        if self.merged_rows == self.n:  # the shared stream goes on after the last task's draws
+            self.generator.set_state(self.generators[-1].get_state())
         return combine(stacked, self.weights, self.config)
 
 

@@ -79,6 +79,12 @@ def merge(stacked: torch.Tensor, weights: torch.Tensor, config: PCBConfig, gener
     return (config.lambda_ * merged).reshape(stacked.shape[1:]).to(stacked.dtype)
 
 
+def piece_rows(stacked: torch.Tensor) -> int:
+    """Rows per piece: the scores make ~10 temporaries of the task vectors' size, so a range of
+    rows is scored a quarter at a time."""
+    return max(1, -(-stacked.shape[1] // 4))
+
+
 class PCBStream:
     """Passes 1–2: each task's magnitude clamps; passes 3–4: its score cut and maximum."""
 
@@ -103,11 +109,12 @@ class PCBStream:
                 for finder in finders:
                     finder.count(t)
             return
-        beta = self.scores(stacked)[1]
-        for finder, row in zip(self.cuts, beta):
-            finder.count(row)
-        if self.passes == 2:
-            self.top = torch.maximum(self.top, beta.amax(dim=1, keepdim=True))
+        for piece in stacked.split(piece_rows(stacked), dim=1):
+            beta = self.scores(piece)[1]
+            for finder, row in zip(self.cuts, beta):
+                finder.count(row)
+            if self.passes == 2:
+                self.top = torch.maximum(self.top, beta.amax(dim=1, keepdim=True))
 
     def end_pass(self) -> None:
         self.passes += 1
@@ -124,6 +131,10 @@ class PCBStream:
             self.cut = torch.tensor([[f.value()] for f in self.cuts])
 
     def merge_rows(self, stacked: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.merge_piece(piece)
+                          for piece in stacked.split(piece_rows(stacked), dim=1)])
+
+    def merge_piece(self, stacked: torch.Tensor) -> torch.Tensor:
         clamped, beta = self.scores(stacked)
         scale = pcb_weights(beta, self.cut, self.top)
         w = self.weights.reshape(self.k, 1)
