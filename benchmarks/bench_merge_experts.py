@@ -6,8 +6,9 @@ method merges the three (weights 1.0 each; ``slerp`` the Austen and PTB experts,
 
 - ``--kind full``: the three fine-tuned model directories, with ``slimtune merge``; for the
   methods mergekit 0.1.5 has (linear, task_arithmetic, ties, dare_ties, breadcrumbs, slerp) the
-  same inputs and configs with ``mergekit-yaml`` as well, ours and theirs alternating, and the
-  largest absolute difference between the two outputs over every tensor.
+  same inputs and configs with ``mergekit-yaml`` as well, ours and theirs alternating, the
+  largest absolute difference between the two outputs over every tensor and how many entries
+  differ by more than 1e-6 (``ties_peer``, ``breadcrumbs_peer``: with ``tie_break: peer``).
 - ``--kind lora``: the three adapter directories; methods with a factored merge (linear,
   task_arithmetic, flora, knots, lora_lego) write an adapter, the others densify.
 

@@ -12,11 +12,13 @@ float32 (τᵢ = Wᵢ − W_base, :data:`~slimtune.merge.registry.MERGES`), cast
 dtype and streamed into shards planned from the base's sizes (the shard's header is written first,
 :class:`~slimtune.io.safetensors_stream.SafetensorsStream`), inside an atomic output directory:
 memory is about one tensor per input, never a model per input, and an interrupted merge leaves
-nothing behind. Methods whose result at an entry depends only on that entry (hook
-``elementwise``) are merged in chunks of rows of about 16 MB, so even the embedding never sits in
-memory once per input. A method with a magnitude trim (hook ``trim``: ``ties``) has it done from
-exact k-th magnitudes found in streaming passes, over each tensor or (``scope: model``) over the
-whole flattened task vector (:mod:`.dense`).
+nothing behind. A tensor larger than about 16 MB (the embedding) is merged in ranges of rows, so
+it never sits in memory once per input: directly for the methods whose result at an entry
+depends only on that entry (hook ``elementwise``), after counting passes for those that need
+statistics of the whole tensor (hook ``stream``: norms, exact k-th magnitudes and top-k masks,
+order statistics, a random stream, Gram matrices), and after a trim over the whole flattened
+task vector from exact k-th magnitudes (hook ``trim``: ``ties`` with ``scope: model``)
+(:mod:`.dense`).
 
 When every input is an adapter and the method merges factors (hook ``merge_factors``: ``linear``,
 ``task_arithmetic``, ``flora``, ``knots``, ``lora_lego``), the output is an adapter directory
