@@ -120,14 +120,15 @@ def small_experts(tmp_path_factory):
     ("breadcrumbs", {"density": 0.5, "gamma": 0.02, "tie_break": "peer"},
      ("breadcrumbs", {"density": 0.5, "gamma": 0.02}, {})),
     ("slerp", {"t": 0.3}, ("slerp", None, {"t": 0.3})),
+    ("dare", {"density": 0.4, "rescale": "l1", "then": "ties", "seed": 0},
+     ("dare_ties", {}, {"density": 0.4})),
 ])
 def test_model_level_merge_equals_mergekit_yaml(small_experts, tmp_path, method, ours, theirs):
     """The same model directories and config through ``mergekit-yaml`` (in a process without
-    slimtune) and ``merge_models``: every tensor within 1e-6. DARE is compared per tensor above
-    (same masks for the same seed). At model level both tools seed one generator per run and
-    draw masks tensor by tensor; on the three real SmolLM2 experts the outputs were identical
-    (benchmarks/bench_merge_experts.py), but on this two-block model the embedding's masks
-    differ (the draw order differs), so it is not asserted here."""
+    slimtune) and ``merge_models``: every tensor within 1e-6. For DARE both tools seed one
+    generator per run (``--random-seed 0``, ``seed: 0``) and draw the masks tensor by tensor in
+    name order, model by model; ours streams the embedding in ranges of rows with the same
+    draws (before the streams, session 16, this model's embedding masks differed)."""
     import subprocess
     import sys
 
