@@ -29,7 +29,8 @@ def no_loading(monkeypatch):
 def test_help_lists_the_options():
     result = runner.invoke(app, ["adapt", "--help"])
     assert result.exit_code == 0
-    for option in ("--method", "--grad-accum", "--save-every", "--resume", "--param"):
+    for option in ("--method", "--grad-accum", "--save-every", "--resume", "--param",
+                   "--optimizer", "--optim-param"):
         assert option in result.output
 
 
@@ -58,6 +59,11 @@ def test_help_lists_the_options():
     (["adapt", "-m", "smollm2-135m", "--method", "full", "--data", "ptb", "-p", "x=1"],
      "takes no --param"),
     ([*LM, "--calib-data", "ptb"], "--calib-data: calib_data='ptb': lora uses no calibration"),
+    ([*LM, "--optimizer", "adam"], "--optimizer: unknown optimizer 'adam'; known: adamw"),
+    ([*LM, "--optimizer", "galore", "-O", "rnak=4"],
+     "optimizer (galore): rnak: unknown parameter; known:"),
+    ([*LM, "--optimizer", "lion", "-O", "eps=1e-3"], "optimizer (lion): eps: unknown parameter"),
+    ([*LM, "-O", "lr=1"], "--optim-param lr=...: use --lr instead"),
     (["adapt", "-m", "smollm2-135m", "--method", "corda", "--data", "austen", "--calib-data",
       "wiki"], "--calib-data: unknown text data set 'wiki'"),
 ])

@@ -299,11 +299,17 @@ def test_minilm_finefoods_lora_trains_the_head_and_reloads(minilm, tmp_path):
     torch.testing.assert_close(fresh(**batch).logits, model(**batch).logits)
 
 
-def test_minilm_full_finetuning_resumes_exactly_with_dropout(minilm, tmp_path):
-    """Full fine-tuning (every parameter trains); dropout is on, so the RNG state must resume."""
+@pytest.mark.parametrize("optimizer, params", [
+    ("adamw", {}), ("galore", {"rank": 8, "update_proj_gap": 2}), ("lion", {})])
+def test_minilm_full_finetuning_resumes_exactly_with_dropout(minilm, tmp_path, optimizer,
+                                                             params):
+    """Full fine-tuning (every parameter trains); dropout is on, so the RNG state must resume;
+    with every optimiser (GaLore's projector refreshes at steps 0 and 2: the resumed run
+    refreshes at the checkpointed step count)."""
     encoder, tok = minilm
     config = make_train_config(data="finefoods", steps=3, batch=2, seqlen=32, lr=1e-4,
-                               eval_examples=8, save_every=2)
+                               eval_examples=8, save_every=2, optimizer=optimizer,
+                               optimizer_params=params)
 
     def task():
         return ClassificationTask(tok, "finefoods", seqlen=32, eval_examples=8)

@@ -28,7 +28,7 @@ ADAPT_HELP = (
     "Classification (--task finefoods, an encoder such as minilm-l6): a mean-pooled linear head "
     "that trains in full, reviews truncated to --seqlen tokens (default 128); accuracy on the "
     "first --eval-examples test reviews. One optimiser step sees --batch x --grad-accum "
-    "examples; AdamW with linear warmup then cosine decay, gradient clipping. Data-driven "
+    "examples; AdamW (or --optimizer) with linear warmup then cosine decay, gradient clipping. Data-driven "
     "methods get --calib-n calibration windows from the train split (or from --calib-data's). "
     "--method full trains "
     "every parameter (reference; --r/--alpha/--targets are then unused).\n\n"
@@ -46,9 +46,10 @@ def parse_targets(value: str):
     return value
 
 
-def parse_params(items: List[str], fail) -> dict:
+def parse_params(items: List[str], fail, flag: str = "--param",
+                 own: tuple[str, ...] = _COMMON) -> dict:
     """``key=value`` strings -> a dict; values are read as YAML scalars (``3``, ``0.5``,
-    ``true``, ``exact``)."""
+    ``true``, ``exact``); keys in ``own`` have their own options."""
     import yaml
 
     params = {}
@@ -56,11 +57,11 @@ def parse_params(items: List[str], fail) -> dict:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key:
-            fail(f"--param expects key=value, got {item!r}")
-        if key in _COMMON:
-            fail(f"--param {key}=...: use --{key} instead")
+            fail(f"{flag} expects key=value, got {item!r}")
+        if key in own:
+            fail(f"{flag} {key}=...: use --{key.replace('_', '-')} instead")
         if key in params:
-            fail(f"--param {key} is given twice")
+            fail(f"{flag} {key} is given twice")
         try:
             params[key] = yaml.safe_load(raw) if raw.strip() else raw
         except yaml.YAMLError:
@@ -113,6 +114,12 @@ def adapt_command(
                                         help="Clip the global gradient norm to this "
                                              "(0: no clipping)."),
     weight_decay: float = typer.Option(_DEFAULT["weight_decay"], "--weight-decay"),
+    optimizer: str = typer.Option(_DEFAULT["optimizer"], "--optimizer", help="Optimiser: adamw, "
+                                  "galore, lion (slimtune.train.optimizers)."),
+    optim_param: List[str] = typer.Option([], "--optim-param", "-O", help="Optimiser key=value "
+                                          "(repeatable), e.g. -O rank=128 -O "
+                                          "update_proj_gap=200 for galore; --lr and "
+                                          "--weight-decay have their own options."),
     eval_every: int = typer.Option(_DEFAULT["eval_every"], "--eval-every",
                                    help="Evaluate every K steps (0: only at the end)."),
     eval_tokens: int = typer.Option(_DEFAULT["eval_tokens"], "--eval-tokens",
@@ -145,6 +152,7 @@ def adapt_command(
     from slimtune.train import make_train_config
 
     params = parse_params(param, fail)
+    optimizer_params = parse_params(optim_param, fail, "--optim-param", ("lr", "weight_decay"))
     if method == "full":
         if params:
             fail("--method full takes no --param")
@@ -174,6 +182,7 @@ def adapt_command(
             method, option_name, data=task or data, steps=steps, batch=batch,
             grad_accum=grad_accum, seqlen=seqlen, lr=lr, warmup=warmup,
             max_grad_norm=max_grad_norm or None, weight_decay=weight_decay,
+            optimizer=optimizer, optimizer_params=optimizer_params,
             eval_every=eval_every, eval_tokens=eval_tokens, eval_examples=eval_examples,
             save_every=save_every, seed=seed, calib_n=calib_n, calib_data=calib_data)
     except ValueError as err:

@@ -22,6 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from slimtune.data import (CLASSIFICATION_DATASETS, TEXT_DATASETS, DataNotFoundError,
                            UnknownTextSourceError, check_text_source)
 from slimtune.registry import validate
+from slimtune.train.optimizers import OPTIMIZERS
+from slimtune.train.optimizers.config import AdamKeys
 
 LM_SEQLEN, CLASSIFICATION_SEQLEN = 256, 128
 MAX_CLASSIFICATION_SEQLEN = 512  # BERT-family position embeddings
@@ -69,6 +71,10 @@ class TrainConfig(BaseModel):
     eval_examples: int = Field(256, ge=1, description="classification: first N test reviews")
     save_every: int = Field(0, ge=0, description="checkpoint every K steps (0: never)")
     seed: int = Field(0, description="seeds the data order, the head and torch's global RNG")
+    optimizer: str = Field("adamw", description="optimiser (slimtune.train.optimizers: adamw, "
+                                                "galore, lion)")
+    optimizer_params: dict = Field(default_factory=dict, description="the optimiser's own keys "
+                                   "(e.g. rank, update_proj_gap for galore)")
     calib_n: int = Field(64, ge=1, description="calibration windows for data-driven methods")
     calib_data: str | None = Field(None, description="text data set (austen, ptb) or UTF-8 "
                                    "text file path whose train split calibrates data-driven "
@@ -99,6 +105,21 @@ class TrainConfig(BaseModel):
             raise ValueError(f"betas must lie in [0, 1), got {value}")
         return value
 
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        if value not in OPTIMIZERS:
+            raise ValueError(OPTIMIZERS.unknown(value))
+        return value
+
+    def optimizer_keys(self) -> dict:
+        """The optimiser's keys: ``lr`` and ``weight_decay`` (and, for Adam-based ones,
+        ``betas`` and ``eps``) from this config, then ``optimizer_params`` over them."""
+        keys = {"lr": self.lr, "weight_decay": self.weight_decay}
+        if issubclass(OPTIMIZERS.get(self.optimizer).config, AdamKeys):
+            keys.update(betas=self.betas, eps=self.eps)
+        return {**keys, **self.optimizer_params}
+
     @model_validator(mode="after")
     def _consistent(self) -> "TrainConfig":
         if self.warmup > self.steps:
@@ -106,6 +127,7 @@ class TrainConfig(BaseModel):
         if self.is_classification and self.window > MAX_CLASSIFICATION_SEQLEN:
             raise ValueError(f"seqlen {self.window} exceeds the encoder's "
                              f"{MAX_CLASSIFICATION_SEQLEN} positions")
+        OPTIMIZERS.make_config(self.optimizer, "optimizer", **self.optimizer_keys())
         if not self.is_classification and self.eval_tokens < self.window:
             raise ValueError(f"eval_tokens ({self.eval_tokens}) must hold at least one window "
                              f"of seqlen {self.window}")

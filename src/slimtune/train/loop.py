@@ -7,8 +7,9 @@
    ``batch * grad_accum`` examples (:func:`accumulate_gradients`).
 2. The adapter method's own loss term, if it has one (``slimtune.adapt.extra_loss``, e.g. SORSA's
    orthonormal regulariser), is added once per step.
-3. The global gradient norm is clipped to ``max_grad_norm``; AdamW (over the trainable parameters
-   only) steps at the warmup-cosine learning rate (:mod:`.schedule`) (:func:`optimizer_step`).
+3. The global gradient norm is clipped to ``max_grad_norm``; the optimiser (``config.optimizer``,
+   AdamW by default, :mod:`.optimizers`; over the trainable parameters only) steps at the
+   warmup-cosine learning rate (:mod:`.schedule`) (:func:`optimizer_step`).
 4. The method's ``after_step`` hook runs with the number of optimiser steps done so far (1 after
    the first step).
 5. Every ``eval_every`` steps and after the last one the task evaluates on held-out data
@@ -38,6 +39,7 @@ from slimtune.io.atomic import check_replaceable, is_ours
 from slimtune.progress import note, progress_bar
 from slimtune.train import state as files
 from slimtune.train.config import TrainConfig
+from slimtune.train.optimizers import build as build_optimizer
 from slimtune.train.schedule import warmup_cosine
 
 
@@ -176,8 +178,7 @@ def train(model: nn.Module, task, config: TrainConfig, out: str | os.PathLike,
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, eps=config.eps,
-                                  weight_decay=config.weight_decay)
+    optimizer = build_optimizer(config.optimizer, model, **config.optimizer_keys())
     scheduler = warmup_cosine(optimizer, config.steps, config.warmup, config.min_lr_ratio)
     if saved is not None:
         optimizer.load_state_dict(saved["optimizer"])
