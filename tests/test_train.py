@@ -300,12 +300,14 @@ def test_minilm_finefoods_lora_trains_the_head_and_reloads(minilm, tmp_path):
 
 
 @pytest.mark.parametrize("optimizer, params", [
-    ("adamw", {}), ("galore", {"rank": 8, "update_proj_gap": 2}), ("lion", {})])
+    ("adamw", {}), ("galore", {"rank": 8, "update_proj_gap": 2}), ("lion", {}),
+    ("asam", {"rho": 0.5})])
 def test_minilm_full_finetuning_resumes_exactly_with_dropout(minilm, tmp_path, optimizer,
                                                              params):
     """Full fine-tuning (every parameter trains); dropout is on, so the RNG state must resume;
-    with every optimiser (GaLore's projector refreshes at steps 0 and 2: the resumed run
-    refreshes at the checkpointed step count)."""
+    with every kind of optimiser (GaLore's projector refreshes at steps 0 and 2: the resumed run
+    refreshes at the checkpointed step count; ASAM takes its second gradient through the
+    loop's closure, with dropout drawing anew)."""
     encoder, tok = minilm
     config = make_train_config(data="finefoods", steps=3, batch=2, seqlen=32, lr=1e-4,
                                eval_examples=8, save_every=2, optimizer=optimizer,

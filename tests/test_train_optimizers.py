@@ -28,13 +28,19 @@ def batch(seed=0):
 
 
 def run(model, optimizer, steps, start=0):
+    """Steps on fixed batches; an optimiser that needs a second gradient gets the closure."""
     for step in range(start, start + steps):
         x, y = batch(step)
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        optimizer.step()
+
+        def closure():
+            optimizer.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            return loss
+        closure()
+        optimizer.step(closure) if getattr(optimizer, "needs_closure", False) else \
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return float(loss.detach())
 
 
 @pytest.mark.parametrize("name", OPTIMIZERS.names())
@@ -127,3 +133,38 @@ def test_lion_equals_lion_pytorch(block_mlp):
     run(theirs_model, theirs, 10)
     for a, b in zip(ours_model.parameters(), theirs_model.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_is_the_two_step_update_of_the_paper(block_mlp, adaptive):
+    """SAM: ε = ρ·g/‖g‖ (ASAM: ρ·T²g/‖Tg‖ with T = |w| + η), the gradient again at w + ε, and
+    AdamW steps from w with it; written out here with a plain torch AdamW."""
+    rho, eta = 0.05, 0.01
+    ours_model, ref_model = copy.deepcopy(block_mlp), copy.deepcopy(block_mlp)
+    ours = build("asam" if adaptive else "sam", ours_model, lr=1e-3, rho=rho, eta=eta)
+    ref = torch.optim.AdamW(ref_model.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
+                            weight_decay=0.0)
+    run(ours_model, ours, 3)
+    params = list(ref_model.parameters())
+    for step in range(3):
+        x, y = batch(step)
+        grads = torch.autograd.grad(torch.nn.functional.mse_loss(ref_model(x), y), params)
+        with torch.no_grad():
+            t = [(p.abs() + eta) if adaptive else torch.ones_like(p) for p in params]
+            norm = torch.norm(torch.stack([(ti * g).norm() for ti, g in zip(t, grads)]))
+            eps = [ti * g * ti * (rho / (norm + 1e-12)) for ti, g in zip(t, grads)]
+            for p, e in zip(params, eps):
+                p.add_(e)
+        second = torch.autograd.grad(torch.nn.functional.mse_loss(ref_model(x), y), params)
+        with torch.no_grad():
+            for p, e, g in zip(params, eps, second):
+                p.sub_(e)
+                p.grad = g
+        ref.step()
+        ref.zero_grad(set_to_none=True)
+    for a, b in zip(ours_model.parameters(), ref_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="two gradients per step"):
+        ours.step()
+    with pytest.raises(ConfigError, match="unknown base optimizer 'sam'"):
+        build("sam", ours_model, base="sam")

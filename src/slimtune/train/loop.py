@@ -53,13 +53,39 @@ def accumulate_gradients(model: nn.Module, task, micro_batches: list) -> float:
     return total / len(micro_batches)
 
 
+def step_gradients(model: nn.Module, task, batches: list, with_adapter: bool
+                   ) -> tuple[float, float | None]:
+    """The step's gradients: the micro-batches' mean loss and the adapter's extra loss (if its
+    method has one), backpropagated; ``(loss, extra loss or None)``."""
+    loss = accumulate_gradients(model, task, batches)
+    extra = adapt.extra_loss(model) if with_adapter else None
+    if extra is not None:
+        extra.backward()
+        return loss, extra.item()
+    return loss, None
+
+
 def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scheduler,
-                   max_grad_norm: float | None) -> float:
+                   max_grad_norm: float | None, regrade=None) -> float:
     """Clip the gradients' global norm to ``max_grad_norm`` (None: no clipping), step optimizer
-    and scheduler, zero the gradients; return the norm before clipping."""
-    norm = torch.nn.utils.clip_grad_norm_(params, math.inf if max_grad_norm is None
-                                          else max_grad_norm)
-    optimizer.step()
+    and scheduler, zero the gradients; return the norm before clipping. An optimiser that takes
+    a second gradient per step (``needs_closure``: SAM) gets a closure that zeroes the
+    gradients, calls ``regrade()`` (the step's loss and backward again, on the same batches, at
+    the weights the optimiser moved to) and clips again."""
+    limit = math.inf if max_grad_norm is None else max_grad_norm
+    norm = torch.nn.utils.clip_grad_norm_(params, limit)
+    if getattr(optimizer, "needs_closure", False):
+        if regrade is None:
+            raise ValueError(f"{type(optimizer).__name__} needs the step's batches again")
+
+        def closure():
+            optimizer.zero_grad(set_to_none=True)
+            loss = regrade()
+            torch.nn.utils.clip_grad_norm_(params, limit)
+            return loss
+        optimizer.step(closure)
+    else:
+        optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     return float(norm)
@@ -200,15 +226,15 @@ def train(model: nn.Module, task, config: TrainConfig, out: str | os.PathLike,
             began = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
             batches = [task.next_batch(config.batch) for _ in range(config.grad_accum)]
-            loss = accumulate_gradients(model, task, batches)
+            loss, extra = step_gradients(model, task, batches, with_adapter)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"step {step + 1}: the loss is {loss} (try a lower lr)")
             record = {"step": step + 1, "loss": loss, "lr": lr}
-            extra = adapt.extra_loss(model) if with_adapter else None
             if extra is not None:
-                extra.backward()
-                record["extra_loss"] = extra.item()
-            record["grad_norm"] = optimizer_step(params, optimizer, scheduler, config.max_grad_norm)
+                record["extra_loss"] = extra
+            record["grad_norm"] = optimizer_step(
+                params, optimizer, scheduler, config.max_grad_norm,
+                lambda: step_gradients(model, task, batches, with_adapter)[0])
             if with_adapter:
                 adapt.after_step(model, step + 1)
             record["seconds"] = time.perf_counter() - began

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from slimtune.train.optimizers import adamw, galore, lion  # noqa: F401  (importing registers)
+from slimtune.train.optimizers import adamw, galore, lion, sam  # noqa: F401  (registers them)
 from slimtune.train.optimizers.registry import OPTIMIZERS
 
 __all__ = ["OPTIMIZERS", "build"]
