@@ -64,6 +64,9 @@ def test_help_lists_the_options():
      "optimizer (galore): rnak: unknown parameter; known:"),
     ([*LM, "--optimizer", "lion", "-O", "eps=1e-3"], "optimizer (lion): eps: unknown parameter"),
     ([*LM, "-O", "lr=1"], "--optim-param lr=...: use --lr instead"),
+    (["adapt", "-m", "smollm2-135m", "--method", "full", "--data", "austen", "--optimizer",
+      "galore", "-O", "rank=600"], "--optimizer: galore: rank 600 exceeds what "
+     "model.layers.0.self_attn.q_proj [576, 576] allows (576)"),
     (["adapt", "-m", "smollm2-135m", "--method", "corda", "--data", "austen", "--calib-data",
       "wiki"], "--calib-data: unknown text data set 'wiki'"),
 ])

@@ -191,6 +191,14 @@ def adapt_command(
         kind = "an encoder (e.g. minilm-l6)" if config.is_classification else \
             "a causal language model (e.g. smollm2-135m)"
         fail(f"{config.data} needs {kind}; {model} is not one")
+    if adapter is None:  # full fine-tuning: the optimiser's own checks, on the weightless model
+        from slimtune.models import model_skeleton
+        from slimtune.train.optimizers import build as build_optimizer
+
+        try:
+            build_optimizer(config.optimizer, model_skeleton(model), **config.optimizer_keys())
+        except ValueError as err:
+            fail(f"--optimizer: {err}")
     from slimtune.train.loop import check_calibration, check_resume
 
     try:
