@@ -168,3 +168,35 @@ def test_sam_is_the_two_step_update_of_the_paper(block_mlp, adaptive):
         ours.step()
     with pytest.raises(ConfigError, match="unknown base optimizer 'sam'"):
         build("sam", ours_model, base="sam")
+
+
+def one_step_delta(model, optimizer, step):
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = batch(step)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    grads = [p.grad.detach().clone() for p in model.parameters()]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return [p.detach() - b for p, b in zip(model.parameters(), before)], grads
+
+
+@pytest.mark.parametrize("name", ["cautious", "grams"])
+def test_sign_rules_never_step_against_the_current_gradient(block_mlp, name):
+    """Cautious AdamW drops the entries whose Adam update disagrees with the gradient and
+    rescales the rest by d / (nnz + 1); Grams takes the gradient's sign with Adam's size. Both
+    equal AdamW's first step (m̂ = g then agrees in sign) up to Cautious's d / (d + 1), and no
+    entry ever moves with its gradient."""
+    model, reference = copy.deepcopy(block_mlp), copy.deepcopy(block_mlp)
+    opt = build(name, model, lr=1e-3)
+    adamw = torch.optim.AdamW(reference.parameters(), lr=1e-3, weight_decay=0.0)
+    deltas, _ = one_step_delta(model, opt, 0)
+    want, _ = one_step_delta(reference, adamw, 0)
+    for d, w in zip(deltas, want):
+        factor = w.numel() / (w.numel() + 1) if name == "cautious" else 1.0
+        torch.testing.assert_close(d, w * factor, rtol=1e-4, atol=5e-7)  # ulps of θ
+    for step in range(1, 4):
+        deltas, grads = one_step_delta(model, opt, step)
+        assert all(bool((d * g <= 0).all()) for d, g in zip(deltas, grads))
+        moved = sum(int((d != 0).sum()) for d in deltas)
+        total = sum(d.numel() for d in deltas)
+        assert (moved < 0.99 * total) if name == "cautious" else (moved > 0.99 * total)
