@@ -200,3 +200,30 @@ def test_sign_rules_never_step_against_the_current_gradient(block_mlp, name):
         moved = sum(int((d != 0).sum()) for d in deltas)
         total = sum(d.numel() for d in deltas)
         assert (moved < 0.99 * total) if name == "cautious" else (moved > 0.99 * total)
+
+
+@pytest.mark.parametrize("proj_type", ["std", "left"])
+def test_fira_equals_fira(block_mlp, proj_type):
+    """Fira 1.0.2's FiraAdamW on the same model, gradients and keys, 10 steps with refreshes at
+    0, 3, 6, 9 (and its norm-growth limiter from step 2): the same parameters within 1e-5
+    relative."""
+    peer = load_peer("fira")
+    keys = {"lr": 1e-3, "weight_decay": 0.01}
+    ours_model, theirs_model = copy.deepcopy(block_mlp), copy.deepcopy(block_mlp)
+    ours = build("fira", ours_model, rank=8, update_proj_gap=3, scale=0.5, proj_type=proj_type,
+                 **keys)
+    projected = [m.weight for m in theirs_model[0].children() if isinstance(m, nn.Linear)]
+    others = [p for p in theirs_model.parameters() if all(p is not q for q in projected)]
+    theirs = peer.FiraAdamW([{"params": others},
+                             {"params": projected, "rank": 8, "update_proj_gap": 3,
+                              "alpha": 0.5, "proj_type": proj_type}],
+                            no_deprecation_warning=True, **keys)
+    run(ours_model, ours, 10)
+    run(theirs_model, theirs, 10)
+    for a, b in zip(ours_model.parameters(), theirs_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert float(ours.state[projected_of(ours_model)]["residual_norm"]) > 0
+
+
+def projected_of(model):
+    return model[0].gate_proj.weight

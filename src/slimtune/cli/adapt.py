@@ -115,7 +115,7 @@ def adapt_command(
                                              "(0: no clipping)."),
     weight_decay: float = typer.Option(_DEFAULT["weight_decay"], "--weight-decay"),
     optimizer: str = typer.Option(_DEFAULT["optimizer"], "--optimizer", help="Optimiser: adamw, "
-                                  "galore, lion, sam, asam, cautious, grams "
+                                  "galore, fira, lion, sam, asam, cautious, grams "
                                   "(slimtune.train.optimizers)."),
     optim_param: List[str] = typer.Option([], "--optim-param", "-O", help="Optimiser key=value "
                                           "(repeatable), e.g. -O rank=128 -O "

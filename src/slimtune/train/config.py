@@ -72,7 +72,7 @@ class TrainConfig(BaseModel):
     save_every: int = Field(0, ge=0, description="checkpoint every K steps (0: never)")
     seed: int = Field(0, description="seeds the data order, the head and torch's global RNG")
     optimizer: str = Field("adamw", description="optimiser (slimtune.train.optimizers: adamw, "
-                                                "galore, lion, sam, asam, cautious, grams)")
+                                                "galore, fira, lion, sam, asam, cautious, grams)")
     optimizer_params: dict = Field(default_factory=dict, description="the optimiser's own keys "
                                    "(e.g. rank, update_proj_gap for galore)")
     calib_n: int = Field(64, ge=1, description="calibration windows for data-driven methods")

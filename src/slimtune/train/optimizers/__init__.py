@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from slimtune.train.optimizers import (adamw, cautious, galore, grams, lion,  # noqa: F401
-                                       sam)  # (importing registers them)
+from slimtune.train.optimizers import (adamw, cautious, fira, galore, grams,  # noqa: F401
+                                       lion, sam)  # (importing registers them)
 from slimtune.train.optimizers.registry import OPTIMIZERS
 
 __all__ = ["OPTIMIZERS", "build"]

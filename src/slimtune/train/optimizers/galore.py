@@ -17,17 +17,17 @@ to 65.5% in optimizer states"; LLaMA-60M on C4, perplexity 34.88 against full-ra
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
 
-from slimtune.targets import check_target_spec, match_targets
-from slimtune.train.optimizers.config import AdamKeys, trainable
+from slimtune.targets import check_target_spec
+from slimtune.train.optimizers.config import AdamKeys
+from slimtune.train.optimizers.moments import projected_adam_step
+from slimtune.train.optimizers.projected import projected_gradient, projected_groups
 from slimtune.train.optimizers.registry import OPTIMIZERS
-from slimtune.weights.gradient_projection import (ProjType, orthogonal_basis, project,
-                                                  project_back, projection_side)
+from slimtune.weights.gradient_projection import ProjType, project_back
 
 
 class GaLoreConfig(AdamKeys):
@@ -57,26 +57,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
                 if p.grad is None:
                     continue
                 state, grad = self.state[p], p.grad
-                step = state.setdefault("step", 0)
                 if "rank" in group:
-                    side = projection_side(tuple(grad.shape), group["proj_type"])
-                    if "basis" not in state or step % group["update_proj_gap"] == 0:
-                        state["basis"] = orthogonal_basis(grad, group["rank"], side)
-                    grad = project(grad, state["basis"], side)
-                if "exp_avg" not in state:
-                    state["exp_avg"], state["exp_avg_sq"] = (torch.zeros_like(grad),
-                                                             torch.zeros_like(grad))
-                m, v = state["exp_avg"], state["exp_avg_sq"]
-                state["step"] = step = step + 1
-                m.mul_(beta1).add_(grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                step_size = group["lr"] * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
-                update = m / v.sqrt().add_(group["eps"])
+                    grad, side = projected_gradient(state, grad, group)
+                update, step_size = projected_adam_step(state, grad, group)
                 if "rank" in group:
                     update = project_back(update, state["basis"], side) * group["scale"]
                 p.add_(update, alpha=-step_size)
@@ -86,23 +73,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
 
 def build(model: torch.nn.Module, config: GaLoreConfig) -> torch.optim.Optimizer:
-    params = trainable(model)
-    projected = []
-    for name in match_targets(model, config.target):
-        weight = model.get_submodule(name).weight
-        if weight.requires_grad:
-            if config.rank > min(weight.shape):
-                raise ValueError(f"galore: rank {config.rank} exceeds what {name} "
-                                 f"{list(weight.shape)} allows ({min(weight.shape)})")
-            projected.append(weight)
-    if not projected:
-        raise ValueError(f"galore: no trainable linear weight matches target {config.target!r}")
-    chosen = {id(p) for p in projected}
-    groups = [{"params": [p for p in params if id(p) not in chosen]},
-              {"params": projected, "rank": config.rank, "proj_type": config.proj_type,
-               "update_proj_gap": config.update_proj_gap, "scale": config.scale}]
-    return GaLoreAdamW([g for g in groups if g["params"]], config.lr, config.betas, config.eps,
-                       config.weight_decay)
+    groups = projected_groups(model, "galore", config.target, config.rank,
+                              proj_type=config.proj_type, scale=config.scale,
+                              update_proj_gap=config.update_proj_gap)
+    return GaLoreAdamW(groups, config.lr, config.betas, config.eps, config.weight_decay)
 
 
 OPTIMIZERS.register("galore", GaLoreConfig, build=build)

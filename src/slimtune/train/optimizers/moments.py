@@ -44,3 +44,19 @@ class AdamWithRule(torch.optim.Optimizer):
                 u = adam_direction(self.state[p], p.grad, group["betas"], group["eps"])
                 p.add_(self.rule(u, p.grad), alpha=-group["lr"])
         return loss
+
+
+def projected_adam_step(state: dict, grad: torch.Tensor, group: dict
+                        ) -> tuple[torch.Tensor, float]:
+    """The moment update of GaLore's and Fira's AdamW (the transformers-AdamW form their
+    reference code uses): ``(m / (√v + ε), lr · √(1 − β₂ᵗ) / (1 − β₁ᵗ))`` after updating the
+    moments in ``state`` with ``grad`` (``state["step"]`` counted here)."""
+    if "exp_avg" not in state:
+        state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(grad), torch.zeros_like(grad)
+    beta1, beta2 = group["betas"]
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    state["step"] = step = state.get("step", 0) + 1
+    m.mul_(beta1).add_(grad, alpha=1 - beta1)
+    v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step_size = group["lr"] * math.sqrt(1 - beta2 ** step) / (1 - beta1 ** step)
+    return m / v.sqrt().add_(group["eps"]), step_size

@@ -1,0 +1,96 @@
+"""Fira (Chen et al. 2024, "Fira: Can We Achieve Full-rank Training of LLMs Under Low-rank
+Constraint?"): GaLore's projected AdamW plus the part of the gradient the projection throws
+away, scaled like the low-rank update and with its growth limited:
+
+    R = project(G),   ψ = m / (√v + ε)  (Adam in the r-space, as GaLore),
+    φ = ‖ψ‖ / ‖R‖ per row (m ≥ n) or column,   S = (G − α·back(R)) ⊙ φ,
+    S ← S / max(‖S‖ / ‖S_prev‖, γ) · γ   (norm-growth limiter, γ = ``limiter``),
+    θ ← θ − lr_t · (α·back(ψ) + S) − lr·λ·θ
+
+(lr_t: the bias-corrected step size). Following the authors' code (PyPI ``fira`` 1.0.2,
+``FiraAdamW``): the residual subtracts the α-scaled back-projection, and ‖S_prev‖ is the
+limited norm of the previous step. Keys as :mod:`.galore` (``scale`` is Fira's α, default 1.0
+there). Equal to ``fira`` 1.0.2 (tests). Reported (METHODS.md): matches full-rank training
+under a low-rank optimiser-state constraint.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from slimtune.targets import check_target_spec
+from slimtune.train.optimizers.config import AdamKeys
+from slimtune.train.optimizers.moments import projected_adam_step
+from slimtune.train.optimizers.projected import projected_gradient, projected_groups
+from slimtune.train.optimizers.registry import OPTIMIZERS
+from slimtune.weights.gradient_projection import ProjType, project_back
+
+
+class FiraConfig(AdamKeys):
+    method: Literal["fira"] = "fira"
+    eps: float = Field(1e-6, gt=0)
+    rank: int = Field(128, ge=1, description="rank of the gradient projection")
+    update_proj_gap: int = Field(200, ge=1, description="steps between projector refreshes")
+    scale: float = Field(1.0, gt=0, description="α: scale of the projected-back update")
+    proj_type: ProjType = "std"
+    limiter: float = Field(1.01, gt=1, description="γ: most the residual's norm may grow per step")
+    target: Any = Field("all-linear", description="the linears whose weights are projected")
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, value: Any) -> Any:
+        return check_target_spec(value)
+
+
+def residual(full: torch.Tensor, low: torch.Tensor, adam: torch.Tensor, basis: torch.Tensor,
+             side: str, scale: float) -> torch.Tensor:
+    """``(G − α·back(R)) ⊙ φ`` with ``φ = ‖ψ‖ / ‖R‖`` along the low-rank side."""
+    dim = 0 if adam.shape[0] < adam.shape[1] else 1
+    factor = adam.norm(dim=dim) / (low.norm(dim=dim) + 1e-8)
+    if dim == 1:
+        factor = factor.unsqueeze(1)
+    return (full - project_back(low, basis, side) * scale) * factor
+
+
+class FiraAdamW(torch.optim.Optimizer):
+    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float):
+        super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps,
+                                  "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state, grad = self.state[p], p.grad
+                if "rank" in group:
+                    grad, side = projected_gradient(state, grad, group)
+                update, step_size = projected_adam_step(state, grad, group)
+                if "rank" in group:
+                    extra = residual(p.grad, grad, update, state["basis"], side, group["scale"])
+                    norm = extra.norm()
+                    if "residual_norm" in state:
+                        shrink = max(norm / (state["residual_norm"] + 1e-8),
+                                     group["limiter"]) / group["limiter"]
+                        extra, norm = extra / shrink, norm / shrink
+                    state["residual_norm"] = norm
+                    update = project_back(update, state["basis"], side) * group["scale"] + extra
+                p.add_(update, alpha=-step_size)
+                if group["weight_decay"] > 0:
+                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        return loss
+
+
+def build(model: torch.nn.Module, config: FiraConfig) -> torch.optim.Optimizer:
+    groups = projected_groups(model, "fira", config.target, config.rank,
+                              proj_type=config.proj_type, scale=config.scale,
+                              update_proj_gap=config.update_proj_gap, limiter=config.limiter)
+    return FiraAdamW(groups, config.lr, config.betas, config.eps, config.weight_decay)
+
+
+OPTIMIZERS.register("fira", FiraConfig, build=build)
