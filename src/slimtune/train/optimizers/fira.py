@@ -22,8 +22,7 @@ from pydantic import Field, field_validator
 
 from slimtune.targets import check_target_spec
 from slimtune.train.optimizers.config import AdamKeys
-from slimtune.train.optimizers.moments import projected_adam_step
-from slimtune.train.optimizers.projected import projected_gradient, projected_groups
+from slimtune.train.optimizers.projected import ProjectedAdamW, projected_groups
 from slimtune.train.optimizers.registry import OPTIMIZERS
 from slimtune.weights.gradient_projection import ProjType, project_back
 
@@ -54,43 +53,24 @@ def residual(full: torch.Tensor, low: torch.Tensor, adam: torch.Tensor, basis: t
     return (full - project_back(low, basis, side) * scale) * factor
 
 
-class FiraAdamW(torch.optim.Optimizer):
-    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float):
-        super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps,
-                                  "weight_decay": weight_decay})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state, grad = self.state[p], p.grad
-                if "rank" in group:
-                    grad, side = projected_gradient(state, grad, group)
-                update, step_size = projected_adam_step(state, grad, group)
-                if "rank" in group:
-                    extra = residual(p.grad, grad, update, state["basis"], side, group["scale"])
-                    norm = extra.norm()
-                    if "residual_norm" in state:
-                        shrink = max(norm / (state["residual_norm"] + 1e-8),
-                                     group["limiter"]) / group["limiter"]
-                        extra, norm = extra / shrink, norm / shrink
-                    state["residual_norm"] = norm
-                    update = project_back(update, state["basis"], side) * group["scale"] + extra
-                p.add_(update, alpha=-step_size)
-                if group["weight_decay"] > 0:
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
-        return loss
+def fira_update(p, state, low_grad, low_update, side, group) -> torch.Tensor:
+    """``α·back(ψ) + S``, S the residual after the norm-growth limiter (its limited norm kept
+    in ``state`` for the next step)."""
+    extra = residual(p.grad, low_grad, low_update, state["basis"], side, group["scale"])
+    norm = extra.norm()
+    if "residual_norm" in state:
+        shrink = max(norm / (state["residual_norm"] + 1e-8), group["limiter"]) / group["limiter"]
+        extra, norm = extra / shrink, norm / shrink
+    state["residual_norm"] = norm
+    return project_back(low_update, state["basis"], side) * group["scale"] + extra
 
 
 def build(model: torch.nn.Module, config: FiraConfig) -> torch.optim.Optimizer:
     groups = projected_groups(model, "fira", config.target, config.rank,
                               proj_type=config.proj_type, scale=config.scale,
                               update_proj_gap=config.update_proj_gap, limiter=config.limiter)
-    return FiraAdamW(groups, config.lr, config.betas, config.eps, config.weight_decay)
+    return ProjectedAdamW(groups, fira_update, config.lr, config.betas, config.eps,
+                          config.weight_decay)
 
 
 OPTIMIZERS.register("fira", FiraConfig, build=build)

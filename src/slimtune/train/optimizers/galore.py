@@ -24,8 +24,7 @@ from pydantic import Field, field_validator
 
 from slimtune.targets import check_target_spec
 from slimtune.train.optimizers.config import AdamKeys
-from slimtune.train.optimizers.moments import projected_adam_step
-from slimtune.train.optimizers.projected import projected_gradient, projected_groups
+from slimtune.train.optimizers.projected import ProjectedAdamW, projected_groups
 from slimtune.train.optimizers.registry import OPTIMIZERS
 from slimtune.weights.gradient_projection import ProjType, project_back
 
@@ -45,38 +44,17 @@ class GaLoreConfig(AdamKeys):
         return check_target_spec(value)
 
 
-class GaLoreAdamW(torch.optim.Optimizer):
-    """AdamW with GaLore's projection for the param groups that carry ``rank``."""
-
-    def __init__(self, groups: list[dict], lr: float, betas: tuple[float, float], eps: float,
-                 weight_decay: float):
-        super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps,
-                                  "weight_decay": weight_decay})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state, grad = self.state[p], p.grad
-                if "rank" in group:
-                    grad, side = projected_gradient(state, grad, group)
-                update, step_size = projected_adam_step(state, grad, group)
-                if "rank" in group:
-                    update = project_back(update, state["basis"], side) * group["scale"]
-                p.add_(update, alpha=-step_size)
-                if group["weight_decay"] > 0:
-                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
-        return loss
+def galore_update(p, state, low_grad, low_update, side, group) -> torch.Tensor:
+    """``scale · back(ψ)``."""
+    return project_back(low_update, state["basis"], side) * group["scale"]
 
 
 def build(model: torch.nn.Module, config: GaLoreConfig) -> torch.optim.Optimizer:
     groups = projected_groups(model, "galore", config.target, config.rank,
                               proj_type=config.proj_type, scale=config.scale,
                               update_proj_gap=config.update_proj_gap)
-    return GaLoreAdamW(groups, config.lr, config.betas, config.eps, config.weight_decay)
+    return ProjectedAdamW(groups, galore_update, config.lr, config.betas, config.eps,
+                          config.weight_decay)
 
 
 OPTIMIZERS.register("galore", GaLoreConfig, build=build)

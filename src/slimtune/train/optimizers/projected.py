@@ -1,11 +1,13 @@
 """What GaLore and Fira share (each calls these; neither imports the other): which weights get a
-projected gradient, and the projection with its periodic refresh kept in the optimiser state."""
+projected gradient, the projection with its periodic refresh kept in the optimiser state, and
+the projected AdamW step, into which each passes its rule for the full-size update."""
 from __future__ import annotations
 
 import torch
 
 from slimtune.targets import match_targets
 from slimtune.train.optimizers.config import trainable
+from slimtune.train.optimizers.moments import projected_adam_step
 from slimtune.weights.gradient_projection import orthogonal_basis, project, projection_side
 
 
@@ -39,3 +41,34 @@ def projected_gradient(state: dict, grad: torch.Tensor, group: dict
     if "basis" not in state or state.get("step", 0) % group["update_proj_gap"] == 0:
         state["basis"] = orthogonal_basis(grad, group["rank"], side)
     return project(grad, state["basis"], side), side
+
+
+class ProjectedAdamW(torch.optim.Optimizer):
+    """The transformers-form AdamW GaLore's and Fira's reference code use, with the gradient of
+    every group that carries ``rank`` projected (:func:`projected_gradient`) and the r-space
+    update turned into the full one by ``full_update(p, state, low_grad, low_update, side,
+    group)`` — the method's own rule. Decoupled weight decay after the step, as the references."""
+
+    def __init__(self, groups: list[dict], full_update, lr: float, betas: tuple[float, float],
+                 eps: float, weight_decay: float):
+        super().__init__(groups, {"lr": lr, "betas": betas, "eps": eps,
+                                  "weight_decay": weight_decay})
+        self.full_update = full_update
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state, grad = self.state[p], p.grad
+                if "rank" in group:
+                    grad, side = projected_gradient(state, grad, group)
+                update, step_size = projected_adam_step(state, grad, group)
+                if "rank" in group:
+                    update = self.full_update(p, state, grad, update, side, group)
+                p.add_(update, alpha=-step_size)
+                if group["weight_decay"] > 0:
+                    p.add_(p, alpha=-group["lr"] * group["weight_decay"])
+        return loss
