@@ -18,8 +18,13 @@ steps, so the last batch takes 8 reviews of the next epoch's order. Then accurac
 --eval-examples (1,000: all) test reviews. The ``none`` row is the untrained classifier (seeded
 random head): chance level, the floor of the table.
 
+Rows ``full-galore``, ``full-fira``, ``full-lion`` (Austen only) fine-tune every weight with that
+optimiser instead of AdamW (keys in ``VARIANTS``).
+
 Columns: method, lr, trainable parameters, median step seconds (wall time: run on a quiet
 machine), peak RSS (MB, of the row's process at the end of training; ``none``: after evaluation),
+optimiser-state MB (every tensor of its state_dict at the end; rows stored before issue #15 have
+none),
 the task metric(s), and the training loss at steps 10, 50 and the last (single batches, but the
 same batch for every row at a given step, so rows compare directly: convergence speed; step 1 is
 the same for every method, as each starts as the base model), and the mean training loss over the
@@ -84,13 +89,25 @@ LR = {
     # Full fine-tuning: 2e-5, the usual rate for full fine-tuning of LMs and BERT-family encoders
     # (and PiSSA's full-FT baseline).
     "full": 2e-5,
+    # Full fine-tuning with other optimisers (issue #15): GaLore and Fira at full fine-tuning's
+    # rate with rank 128 and scale 1 (the GaLore paper fine-tunes at 1e-5 - 3e-5 with its own
+    # scale per task; 0.25 is its pretraining scale); Lion at a quarter of AdamW's rate (the Lion
+    # paper: 3-10x smaller than AdamW's).
+    "full-galore": 2e-5,
+    "full-fira": 2e-5,
+    "full-lion": 5e-6,
 }
 MODELS = {"austen": "smollm2-135m", "finefoods": "minilm-l6"}
 # Rows that are a registered method with other parameters: CorDA's knowledge-preserved adaptation
 # (kpm) collects its covariance from the knowledge to keep -- here PTB train (austen task only),
 # as the paper uses world-knowledge QA data -- and adapts the r least-used context directions;
 # PTB test then measures what it kept.
-VARIANTS = {"corda-kpm": {"method": "corda", "params": {"mode": "kpm"}, "calib_data": "ptb"}}
+VARIANTS = {"corda-kpm": {"method": "corda", "params": {"mode": "kpm"}, "calib_data": "ptb"},
+            **{f"full-{name}": {"method": "full", "params": {}, "optimizer": name,
+                                "optimizer_params": keys}
+               for name, keys in (("galore", {"rank": 128, "update_proj_gap": 200, "scale": 1.0}),
+                                  ("fira", {"rank": 128, "update_proj_gap": 200, "scale": 1.0}),
+                                  ("lion", {}))}}
 
 
 def settings(args) -> dict:
@@ -104,11 +121,13 @@ def settings(args) -> dict:
             "eval_examples": args.eval_examples}
 
 
-def train_config(task: str, s: dict, lr: float, calib_data: str | None = None):
+def train_config(task: str, s: dict, lr: float, calib_data: str | None = None,
+                 optimizer: str = "adamw", optimizer_params: dict | None = None):
     from slimtune.train import make_train_config
 
     common = dict(data=task, steps=s["steps"], batch=s["batch"], seqlen=s["seqlen"], lr=lr,
-                  calib_n=s["calib_n"], calib_data=calib_data, seed=s["seed"])
+                  calib_n=s["calib_n"], calib_data=calib_data, seed=s["seed"],
+                  optimizer=optimizer, optimizer_params=optimizer_params or {})
     if task == "austen":  # one window: the loop's own final evaluation (at the training seqlen)
         return make_train_config(**common, eval_tokens=s["seqlen"])  # is not used (run_one)
     return make_train_config(**common, eval_examples=s["eval_examples"])
@@ -142,7 +161,8 @@ def run_one(job: dict) -> dict:
         first_blocks(model, s["layers"])
     variant = VARIANTS.get(method, {"method": method, "params": {}})
     config = train_config(task_name, s, lr if lr is not None else 1e-4,
-                          variant.get("calib_data"))
+                          variant.get("calib_data"), variant.get("optimizer", "adamw"),
+                          variant.get("optimizer_params"))
     task = build_task(config, tok)
     if task_name == "finefoods":
         limit_training_set(task, s["train_examples"], s["seed"])
@@ -152,13 +172,14 @@ def run_one(job: dict) -> dict:
         model = task.prepare_model(model, seed=s["seed"])
         row.update(trainable=0, step_s=None, losses=[])
     else:
-        adapter = None if method == "full" else make_config(
+        adapter = None if variant["method"] == "full" else make_config(
             variant["method"], r=s["r"], alpha=s["alpha"], seed=s["seed"], **variant["params"])
         with tempfile.TemporaryDirectory() as tmp:
             model, history = train(model, task, config, Path(tmp) / "run", adapter=adapter,
                                    progress=False)
         row.update(trainable=history["trainable_parameters"],
                    step_s=history["seconds_per_step"], peak_rss_mb=history["peak_rss_mb"],
+                   optimizer_state_mb=history.get("optimizer_state_mb"),
                    losses=[r["loss"] for r in history["steps"]],
                    extra_losses=[r.get("extra_loss") for r in history["steps"]])
         if task_name == "finefoods":
@@ -195,7 +216,7 @@ def print_table(rows: list[dict], task: str, steps: int) -> None:
     at = loss_steps(steps)
     metric = ("Austen ppl", "PTB ppl") if task == "austen" else ("accuracy",)
     early = max(1, steps // 4)
-    cols = ("method", "lr", "trainable", "step s", "peak RSS MB", *metric,
+    cols = ("method", "lr", "trainable", "step s", "peak RSS MB", "optimiser state MB", *metric,
             *[f"loss@{k}" for k in at], f"mean loss 1-{early}", f"mean loss 1-{steps}")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
@@ -208,6 +229,7 @@ def print_table(rows: list[dict], task: str, steps: int) -> None:
                        for n in (early, steps)]
         print(f"| {r['method']} | {fmt(r['lr'], 'g')} | {r['trainable']:,} | "
               f"{fmt(r['step_s'], '.2f')} | {r['peak_rss_mb']:.0f} | "
+              f"{fmt(r.get('optimizer_state_mb'), '.0f')} | "
               + " | ".join(values + loss_cells) + " |")
 
 

@@ -69,6 +69,8 @@ def test_unknown_method_is_refused_naming_the_known_ones(block):
     ("lora", {"alpha": -1.0}, "alpha"), ("lora", {"rank": 8}, "rank"),
     ("lora", {"targets": []}, "targets"), ("pissa", {"svd": "fast"}, "svd"),
     ("pissa", {"niter": -1}, "niter"), ("sorsa", {"gamma": "high"}, "gamma"),
+    ("sltrain", {"density": 0}, "density"), ("lost", {"density": 1.5}, "density"),
+    ("sst", {"update_every": 0}, "update_every"),
 ])
 def test_bad_parameters_are_refused_naming_the_argument(block, method, params, named):
     snap = snapshot(block)

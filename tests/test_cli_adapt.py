@@ -13,6 +13,7 @@ from slimtune.train.tasks import split_ids
 
 runner = CliRunner()
 LM = ["adapt", "-m", "smollm2-135m", "--method", "lora", "--data", "austen"]
+FULL = ["adapt", "-m", "smollm2-135m", "--method", "full", "--data", "austen"]
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def test_help_lists_the_options():
     result = runner.invoke(app, ["adapt", "--help"])
     assert result.exit_code == 0
     for option in ("--method", "--grad-accum", "--save-every", "--resume", "--param",
-                   "--optimizer", "--optim-param"):
+                   "--optimizer", "--optim-param", "--hook", "--hook-param"):
         assert option in result.output
 
 
@@ -69,6 +70,23 @@ def test_help_lists_the_options():
      "model.layers.0.self_attn.q_proj [576, 576] allows (576)"),
     (["adapt", "-m", "smollm2-135m", "--method", "corda", "--data", "austen", "--calib-data",
       "wiki"], "--calib-data: unknown text data set 'wiki'"),
+    # training hooks: --hook NAME, --hook-param NAME.key=value
+    ([*FULL, "--hook", "nope"], "training (full): --hook: unknown training hook 'nope'; known:"),
+    ([*FULL, "--hook", "trp", "-H", "trp.every=0"],
+     "training (full): --hook: hook (trp): every: input should be greater than or equal to 1"),
+    ([*FULL, "--hook", "trp", "-H", "trp.evry=2"], "hook (trp): evry: unknown parameter; known:"),
+    ([*FULL, "-H", "trp.every=2"], "--hook-param trp.every=2: pass --hook trp to use that hook"),
+    ([*FULL, "--hook", "trp", "-H", "every=2"], "--hook-param expects NAME.key=value, got "
+     "'every=2'"),
+    ([*FULL, "--hook", "trp", "-H", "trp.every"], "--hook-param expects NAME.key=value"),
+    ([*FULL, "--hook", "trp", "-H", "trp.every=2", "-H", "trp.every=3"],
+     "--hook-param trp.every: given twice"),
+    ([*FULL, "--hook", "trp", "-H", "trp.method=x"], "--hook-param trp.method: name hooks with "
+     "--hook"),
+    ([*FULL, "--hook", "trp", "--hook", "trp"], "--hook trp is given twice"),
+    ([*LM, "--hook", "weight_compander"], "hook weight_compander: weight_compander "
+     "reparameterises whole linear weights, which adapter method 'lora' freezes: use "
+     "weight_compander with full training (--method full)"),
 ])
 def test_bad_input_exits_2_with_one_line_before_loading(no_loading, tmp_path, args, message):
     result = runner.invoke(app, [*args, "--out", str(tmp_path / "run")])

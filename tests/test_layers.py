@@ -84,6 +84,10 @@ def test_layer_without_base_is_pure_low_rank_and_merges():
     torch.testing.assert_close(layer(x), x @ (B @ A).T)
     layer.merge()
     torch.testing.assert_close(layer(x), x @ (B @ A).T)
+    layer.unmerge()  # no base again (as SLTrain, LOST and SST layers are saved and reloaded)
+    assert layer.base is None and not layer.merged
+    assert layer.describe()["base"] is None
+    torch.testing.assert_close(layer(x), x @ (B @ A).T)
 
 
 def test_input_dtype_and_device_are_respected():

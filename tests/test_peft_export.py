@@ -24,7 +24,11 @@ from test_peft_parity import (ALPHA, TOL, R, base, calib, full, ids, logits,  # 
 FAST = ["rslora", "dora", "pissa", "svfit"]  # one per export case: plain, DoRA, origin, core
 EXPECTED = ["lora", "rslora", "dora", "pissa", "milora", "olora", "corda", "eva", "svfit", "sorsa"]
 WITH_ORIGIN = {"pissa", "milora", "olora", "corda", "svfit", "sorsa"}
-OTHERS = sorted(set(adapt.known_methods()) - set(EXPECTED))  # registered by others since
+# training parameterisations PEFT's LoRA cannot hold: the reason to_peft gives (defaults: the
+# layer has no base; with keep_base, a sparse part)
+REFUSED = {"sltrain": ("no base weight", "sparse part"), "lost": ("no base weight", "mask"),
+           "sst": ("no base weight", None)}
+OTHERS = sorted(set(adapt.known_methods()) - set(EXPECTED) - set(REFUSED))  # registered since
 
 
 def adapted(base, method, calib):
@@ -73,8 +77,21 @@ def test_export_round_trip_whole_model(full, calib, ids, tmp_path, method):
 
 
 def test_every_registered_method_has_an_export_round_trip():
-    """A newly registered method must join EXPECTED (and so the round-trip test above)."""
-    assert not OTHERS, f"add {OTHERS} to EXPECTED in this file"
+    """A newly registered method must join EXPECTED (and so the round-trip test above), or
+    REFUSED with the reason PEFT cannot express it."""
+    assert not OTHERS, f"add {OTHERS} to EXPECTED (or REFUSED) in this file"
+
+
+@pytest.mark.parametrize("method", sorted(REFUSED))
+def test_training_parameterisations_are_refused(base, tmp_path, method):
+    need(method)
+    for params, reason in zip(({}, {"keep_base": True}), REFUSED[method]):
+        if reason is None:
+            continue
+        out = tmp_path / "peft"
+        with pytest.raises(ValueError, match=f"cannot export layer .*{reason}"):
+            adapt.to_peft(ours(base, method, **params), out)
+        assert not out.exists()
 
 
 def test_trained_norm_exports_as_modules_to_save(base, ids, tmp_path):

@@ -10,6 +10,8 @@
   parameter, e.g. a classification head trained in full). Atomic: temp dir, then rename.
 - :func:`load` rebuilds the adapter on a fresh base model: the base weight of each layer is the
   fresh weight minus ``origin`` (no SVD or calibration is redone), the rest is loaded strictly.
+  A layer saved without a base (a training parameterisation that replaces the weight: SLTrain,
+  LOST, SST) is rebuilt from its saved parts alone; the fresh weight is not used.
 - :func:`merge` folds every adapted layer into a plain ``nn.Linear``.
 """
 from __future__ import annotations
@@ -46,7 +48,8 @@ def apply(model: nn.Module, method: str, r: int = 16, alpha: float = 32.0,
     """Adapt ``model`` in place with ``method`` and return it (see the module docstring).
 
     Everything that can be checked is checked before the model is touched: the config, the
-    targets, ``r <= min(out, in)`` for every targeted layer, and ``calib``."""
+    targets, ``r <= min(out, in)`` and the method's ``check_layer`` (densities that do not fit)
+    for every targeted layer, and ``calib``."""
     config = make_config(method, r=r, alpha=alpha, targets=targets, **params)
     m = get_method(method)
     if getattr(model, "slimtune_adapter", None) is not None or factored_layers(model):
@@ -56,11 +59,14 @@ def apply(model: nn.Module, method: str, r: int = 16, alpha: float = 32.0,
     if not names:
         raise ValueError(f"{method}: targets {config.targets!r} match no linear layer in "
                          f"{type(model).__name__}")
+    check_layer = m.hook("check_layer")
     for name in names:
         linear = model.get_submodule(name)
         if config.r > min(linear.in_features, linear.out_features):
             raise ValueError(f"{method}: r={config.r} exceeds min(out, in) = "
                              f"{min(linear.in_features, linear.out_features)} of {name}")
+        if check_layer is not None:
+            check_layer(config, name, linear)
     prepare, init_layer = m.hook("prepare"), m.hook("init_layer")
     if prepare is not None and calib is None:
         raise ValueError(f"{method} is data-driven: pass calib=<LongTensor [n, seqlen] of token "
@@ -215,7 +221,7 @@ def load(base: nn.Module, path: str | os.PathLike) -> nn.Module:
             dtype = compute_dtype(W)  # as adapted_linear computed it
             delta = layer.origin.delta_weight().to(dtype)
             layer.base.weight.data = (W.to(dtype) - delta).to(W.dtype)
-        else:
+        elif layer.base is not None:  # a layer without one (SLTrain, LOST, SST) ignores W
             layer.base.weight.data = W.data
         if layer.bias is not None:
             layer.bias.data = linear.bias.data

@@ -16,6 +16,12 @@ A method is one module in ``slimtune/adapt/`` that defines a pydantic config (su
   orthonormal regulariser).
 - ``after_step(model, config, step) -> None`` (optional): called by the training loop after every
   optimiser step (rank redistribution and similar schedules).
+- ``check_layer(config, name, linear) -> None`` (optional): raise ``ValueError`` for a target the
+  method's settings do not fit (a density that keeps no entry); :func:`slimtune.adapt.apply` runs
+  it on every target before the model changes.
+
+A config whose layers deliberately do not start at the base model's output (a pretraining
+parameterisation that replaces the weight, as SLTrain's default) overrides :attr:`exact_start`.
 
 The scale of the low-rank part is ``alpha / r`` (``alpha / sqrt(r)`` with ``rslora: true``).
 """
@@ -30,7 +36,7 @@ from slimtune.registry import Entry, Registry
 from slimtune.targets import check_target_spec
 
 METHODS = Registry("adapter method", required=("init_layer",),
-                   optional=("prepare", "loss", "after_step"))
+                   optional=("prepare", "loss", "after_step", "check_layer"))
 
 
 class AdapterConfig(BaseModel):
@@ -53,6 +59,11 @@ class AdapterConfig(BaseModel):
     @property
     def scale(self) -> float:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+    @property
+    def exact_start(self) -> bool:
+        """Whether the adapted model's output at step 0 equals the base model's."""
+        return True
 
 
 def known_methods() -> list[str]:

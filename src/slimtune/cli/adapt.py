@@ -69,6 +69,42 @@ def parse_params(items: List[str], fail, flag: str = "--param",
     return params
 
 
+def parse_hooks(names: List[str], items: List[str], fail) -> list[dict]:
+    """``--hook NAME`` and ``--hook-param NAME.key=value`` -> ``[{"method": NAME, **keys}]``
+    (values read as by :func:`parse_params`)."""
+    hooks: dict[str, dict] = {}
+    for name in names:
+        if name in hooks:
+            fail(f"--hook {name} is given twice")
+        hooks[name] = {"method": name}
+    for item in items:
+        target, sep, value = item.partition("=")
+        name, dot, key = (part.strip() for part in target.partition("."))
+        if not sep or not dot or not name or not key:
+            fail(f"--hook-param expects NAME.key=value, got {item!r}")
+        if name not in hooks:
+            fail(f"--hook-param {item}: pass --hook {name} to use that hook")
+        if key == "method" or key in hooks[name]:
+            fail(f"--hook-param {name}.{key}: " + ("name hooks with --hook" if key == "method"
+                                                     else "given twice"))
+        hooks[name][key] = parse_params([f"{key}={value}"], fail, "--hook-param", ())[key]
+    return list(hooks.values())
+
+
+def per_process_batch(batch: int, global_batch: int | None, grad_accum: int, fail) -> int:
+    """``--batch``, or ``--global-batch`` / (processes × ``--grad-accum``) when that is given
+    (an error unless it divides)."""
+    if global_batch is None:
+        return batch
+    from slimtune.train.distributed import world_size
+
+    world = world_size()
+    if global_batch < 1 or global_batch % (world * grad_accum):
+        fail(f"--global-batch {global_batch} does not divide into {world} processes x "
+             f"--grad-accum {grad_accum}")
+    return global_batch // (world * grad_accum)
+
+
 def _check_data_installed(config: TrainConfig, fail) -> None:
     from slimtune.data import load_classification, load_text
 
@@ -82,7 +118,7 @@ def _check_data_installed(config: TrainConfig, fail) -> None:
 
 def option_name(field: str) -> str:
     """The CLI flag of a training-config field (``grad_accum`` -> ``--grad-accum``)."""
-    return "--" + field.replace("_", "-")
+    return "--hook" if field == "hooks" else "--" + field.replace("_", "-")
 
 
 @command("adapt", help=ADAPT_HELP)
@@ -91,7 +127,9 @@ def adapt_command(
                               "minilm-l6) or a local Hugging Face model directory."),
     method: str = typer.Option(..., "--method", help="Adapter method (see "
                                "slimtune.adapt.known_methods(): lora, pissa, ...) or 'full'."),
-    r: int = typer.Option(16, "--r", help="Adapter rank."),
+    r: int = typer.Option(16, "--r", "--rank", help="Adapter rank (under torchrun write "
+                          "--rank, or put -- before slimtune: torchrun takes --r for its own "
+                          "--rdzv-* options)."),
     alpha: float = typer.Option(32.0, "--alpha", help="Scale numerator: s = alpha / r."),
     targets: str = typer.Option("all-linear", "--targets", help="'all-linear', comma-separated "
                                 "module names (q_proj,v_proj) or a regex on full names."),
@@ -106,6 +144,10 @@ def adapt_command(
     batch: int = typer.Option(_DEFAULT["batch"], "--batch", help="Examples per micro-batch."),
     grad_accum: int = typer.Option(_DEFAULT["grad_accum"], "--grad-accum",
                                    help="Micro-batches per optimiser step."),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Examples per "
+                                               "optimiser step over all processes (sets "
+                                               "--batch; must divide by processes x "
+                                               "--grad-accum)."),
     seqlen: Optional[int] = typer.Option(None, "--seqlen", show_default="256 LM, 128 finefoods",
                                          help="Window length / truncation length in tokens."),
     lr: float = typer.Option(_DEFAULT["lr"], "--lr", help="Peak learning rate."),
@@ -115,12 +157,17 @@ def adapt_command(
                                              "(0: no clipping)."),
     weight_decay: float = typer.Option(_DEFAULT["weight_decay"], "--weight-decay"),
     optimizer: str = typer.Option(_DEFAULT["optimizer"], "--optimizer", help="Optimiser: adamw, "
-                                  "galore, fira, lion, sam, asam, cautious, grams "
-                                  "(slimtune.train.optimizers)."),
+                                  "galore, fira, lion, sam, asam, gam, fsam, cautious, grams, "
+                                  "mars (slimtune.train.optimizers)."),
     optim_param: List[str] = typer.Option([], "--optim-param", "-O", help="Optimiser key=value "
                                           "(repeatable), e.g. -O rank=128 -O "
                                           "update_proj_gap=200 for galore; --lr and "
                                           "--weight-decay have their own options."),
+    hook: List[str] = typer.Option([], "--hook", help="Training hook (repeatable): trp, "
+                                   "group_sparsity, temporary_forgetting, weight_compander "
+                                   "(slimtune.train.hooks; full training)."),
+    hook_param: List[str] = typer.Option([], "--hook-param", "-H", help="Hook key: "
+                                         "NAME.key=value (repeatable), e.g. -H trp.every=20."),
     eval_every: int = typer.Option(_DEFAULT["eval_every"], "--eval-every",
                                    help="Evaluate every K steps (0: only at the end)."),
     eval_tokens: int = typer.Option(_DEFAULT["eval_tokens"], "--eval-tokens",
@@ -154,6 +201,8 @@ def adapt_command(
 
     params = parse_params(param, fail)
     optimizer_params = parse_params(optim_param, fail, "--optim-param", ("lr", "weight_decay"))
+    hooks = [{"seed": seed, **h} for h in parse_hooks(hook, hook_param, fail)]
+    batch = per_process_batch(batch, global_batch, grad_accum, fail)
     if method == "full":
         if params:
             fail("--method full takes no --param")
@@ -183,7 +232,7 @@ def adapt_command(
             method, option_name, data=task or data, steps=steps, batch=batch,
             grad_accum=grad_accum, seqlen=seqlen, lr=lr, warmup=warmup,
             max_grad_norm=max_grad_norm or None, weight_decay=weight_decay,
-            optimizer=optimizer, optimizer_params=optimizer_params,
+            optimizer=optimizer, optimizer_params=optimizer_params, hooks=hooks,
             eval_every=eval_every, eval_tokens=eval_tokens, eval_examples=eval_examples,
             save_every=save_every, seed=seed, calib_n=calib_n, calib_data=calib_data)
     except ValueError as err:
@@ -206,6 +255,12 @@ def adapt_command(
         check_calibration(config, adapter)
     except ValueError as err:
         fail(f"--calib-data: {err}")
+    from slimtune.train.loop import check_compatibility
+
+    try:
+        check_compatibility(config, adapter)  # the optimiser's and the hooks' conflicts
+    except ValueError as err:
+        fail(str(err))
 
     from slimtune.io.atomic import NotOurDirectoryError
     from slimtune.models import weights_bytes
@@ -225,7 +280,7 @@ def adapt_command(
     check_output(out, need, overwrite=True, resume=True)  # contents were checked just above
     _check_data_installed(config, fail)
 
-    from slimtune.train import build_task, train
+    from slimtune.train import build_task, distributed, train
 
     base, tokenizer = load_or_fail(model)
     try:
@@ -234,6 +289,10 @@ def adapt_command(
                            overwrite=overwrite)
     except ValueError as err:
         fail(str(err))
+    finally:
+        distributed.stop()
+    if not distributed.is_main():
+        return
     final = history["final_eval"] or {}
     metric = ", ".join(f"{k} {v:.4g}" for k, v in final.items() if k in ("perplexity", "accuracy"))
     what = "in full" if adapter is None else f"with {adapter.method} (r={adapter.r})"

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from slimtune.layers.bases import DenseBase, build_base
-from slimtune.layers.parts import LowRank, SparseDelta, build_transform, empty_lowrank
+from slimtune.layers.parts import (LowRank, SparseDelta, build_transform, describe_lowrank,
+                                   empty_lowrank)
 from slimtune.weights.packing import pack_mask, unpack_mask
 
 
@@ -56,6 +57,7 @@ class FactoredLinear(nn.Module):
             origin.requires_grad_(False)
         self.register_buffer("merge_scale", None)  # the transform's scale at merge time
         self.merged = False
+        self._merge_made_base = False  # merge gave a layer without a base one; unmerge drops it
         self._mask_check: tuple | None = None  # (tensor versions, mask changes nothing)
 
     @classmethod
@@ -167,10 +169,11 @@ class FactoredLinear(nn.Module):
             return
         D = self.delta_weight()
         g = None if self.transform is None else self.transform.output_scale(self).detach().clone()
-        if self.base is None:
+        if self.base is None:  # unmerge removes it again
             ref = next(self.parameters())
             self.base = DenseBase(torch.zeros(self.out_features, self.in_features,
                                               dtype=ref.dtype, device=ref.device))
+            self._merge_made_base = True
         elif self.mask_bits is not None:
             self.base.add_(self.base_weight() - self.base.dense_weight())
         if D is not None:
@@ -182,8 +185,13 @@ class FactoredLinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Undo ``merge``: the base returns to its masked value (masked entries are zero)."""
+        """Undo ``merge``: the base returns to its masked value (masked entries are zero); a
+        layer that had no base before ``merge`` has none again."""
         if not self.merged:
+            return
+        if self._merge_made_base:  # the layer had no base: it gets none back (exactly)
+            self.base, self.merge_scale, self.merged = None, None, False
+            self._merge_made_base = False
             return
         if self.merge_scale is not None:
             self.base.add_((1 / self.merge_scale[:, None] - 1) * self.base.dense_weight())
@@ -213,8 +221,7 @@ class FactoredLinear(nn.Module):
             **({"base_config": self.base.config()} if hasattr(self.base, "config") else {}),
             "mask": self.mask_bits is not None, "bias": self.bias is not None,
             "merged": self.merged,
-            "lowrank": None if lr is None else {"rank": lr.rank, "core": lr.core_kind,
-                                                "scale": lr.scale},
+            "lowrank": None if lr is None else describe_lowrank(lr),
             "sparse_nnz": None if self.sparse is None else self.sparse.nnz,
             "transform": None if self.transform is None else self.transform.describe(),
             "origin": None if self.origin is None else {"rank": self.origin.rank,

@@ -11,10 +11,16 @@ from torch import Tensor, nn
 
 
 class LowRank(nn.Module):
-    """s·B·K·A with K absent, diagonal (a vector of r) or full (r × r)."""
+    """s·B·K·A with K absent, diagonal (a vector of r) or full (r × r).
+
+    ``grad_scale`` (optional buffer ``[r]``) multiplies the gradient that reaches component i
+    (row i of A, column i of B) without changing any value: 0 freezes a component, 1 trains it
+    as usual (SST trains only its sampled singular-vector pairs this way). The core is not
+    scaled. It is part of the layer's state, so it is saved and restored with the factors."""
 
     def __init__(self, A: Tensor, B: Tensor, scale: float = 1.0, core: Tensor | None = None,
-                 train_A: bool = True, train_B: bool = True, train_core: bool = True):
+                 train_A: bool = True, train_B: bool = True, train_core: bool = True,
+                 grad_scale: Tensor | None = None):
         super().__init__()
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise ValueError(f"low-rank factors must be A (r×in), B (out×r); got {tuple(A.shape)}, "
@@ -26,6 +32,9 @@ class LowRank(nn.Module):
         self.B = nn.Parameter(B, requires_grad=train_B)
         self.core = None if core is None else nn.Parameter(core, requires_grad=train_core)
         self.scale = float(scale)
+        if grad_scale is not None and tuple(grad_scale.shape) != (r,):
+            raise ValueError(f"grad_scale must have shape ({r},); got {tuple(grad_scale.shape)}")
+        self.register_buffer("grad_scale", grad_scale)
 
     @property
     def rank(self) -> int:
@@ -35,22 +44,33 @@ class LowRank(nn.Module):
     def core_kind(self) -> str:
         return "none" if self.core is None else ("diag" if self.core.dim() == 1 else "full")
 
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """``(A, B)`` as the forward uses them: the parameters themselves, or with
+        ``grad_scale`` the same values (``p + (p - p)·c`` is exactly ``p``) whose gradient is
+        scaled per component."""
+        A, B, c = self.A, self.B, self.grad_scale
+        if c is None:
+            return A, B
+        A0, B0 = A.detach(), B.detach()
+        return A0 + (A - A0) * c[:, None], B0 + (B - B0) * c
+
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """s·(x·Aᵀ·Kᵀ)·Bᵀ, added to ``residual`` in the same kernel (addmm) when given."""
-        h = F.linear(x, self.A)
+        A, B = self.factors()
+        h = F.linear(x, A)
         if self.core is not None:
             h = h * self.core if self.core.dim() == 1 else F.linear(h, self.core)
         if residual is None:
-            return F.linear(h, self.B) * self.scale
+            return F.linear(h, B) * self.scale
         out = torch.addmm(residual.reshape(-1, residual.shape[-1]), h.reshape(-1, h.shape[-1]),
-                          self.B.mT, alpha=self.scale)
+                          B.mT, alpha=self.scale)
         return out.view(residual.shape)
 
     def delta_weight(self) -> Tensor:
-        B = self.B
+        A, B = self.factors()
         if self.core is not None:
             B = B * self.core if self.core.dim() == 1 else B @ self.core
-        return (B @ self.A) * self.scale
+        return (B @ A) * self.scale
 
 
 class SparseDelta(nn.Module):
@@ -77,10 +97,18 @@ class SparseDelta(nn.Module):
         return out if residual is None else residual + out
 
 
+def describe_lowrank(lowrank: nn.Module) -> dict:
+    """The structure of a low-rank part, as ``FactoredLinear.describe`` records it."""
+    d = {"rank": lowrank.rank, "core": lowrank.core_kind, "scale": lowrank.scale}
+    return d if getattr(lowrank, "grad_scale", None) is None else {**d, "grad_scale": True}
+
+
 def empty_lowrank(d: dict, n_in: int, n_out: int, kw: dict) -> LowRank:
     r, core = d["rank"], d["core"]
     K = {"none": None, "diag": torch.empty(r, **kw), "full": torch.empty(r, r, **kw)}[core]
-    return LowRank(torch.empty(r, n_in, **kw), torch.empty(n_out, r, **kw), d["scale"], K)
+    c = torch.ones(r, **kw) if d.get("grad_scale") else None
+    return LowRank(torch.empty(r, n_in, **kw), torch.empty(n_out, r, **kw), d["scale"], K,
+                   grad_scale=c)
 
 
 class WeightNormScale(nn.Module):

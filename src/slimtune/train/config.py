@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from slimtune.data import (CLASSIFICATION_DATASETS, TEXT_DATASETS, DataNotFoundError,
                            UnknownTextSourceError, check_text_source)
 from slimtune.registry import validate
+from slimtune.train.hooks import make_hooks
 from slimtune.train.optimizers import OPTIMIZERS
 from slimtune.train.optimizers.config import AdamKeys
 
@@ -72,9 +73,13 @@ class TrainConfig(BaseModel):
     save_every: int = Field(0, ge=0, description="checkpoint every K steps (0: never)")
     seed: int = Field(0, description="seeds the data order, the head and torch's global RNG")
     optimizer: str = Field("adamw", description="optimiser (slimtune.train.optimizers: adamw, "
-                                                "galore, fira, lion, sam, asam, cautious, grams)")
+                                                "galore, fira, lion, sam, asam, gam, fsam, "
+                                                "cautious, grams, mars)")
     optimizer_params: dict = Field(default_factory=dict, description="the optimiser's own keys "
                                    "(e.g. rank, update_proj_gap for galore)")
+    hooks: list[dict] = Field(default_factory=list, description="training hooks, each "
+                              "{method: name, **keys} (slimtune.train.hooks: trp, "
+                              "group_sparsity, temporary_forgetting, weight_compander)")
     calib_n: int = Field(64, ge=1, description="calibration windows for data-driven methods")
     calib_data: str | None = Field(None, description="text data set (austen, ptb) or UTF-8 "
                                    "text file path whose train split calibrates data-driven "
@@ -103,6 +108,16 @@ class TrainConfig(BaseModel):
     def _betas(cls, value: tuple[float, float]) -> tuple[float, float]:
         if not all(0 <= b < 1 for b in value):
             raise ValueError(f"betas must lie in [0, 1), got {value}")
+        return value
+
+    @field_validator("hooks")
+    @classmethod
+    def _known_hooks(cls, value: list[dict]) -> list[dict]:
+        names = [spec.get("method") for spec in value]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"hook {twice[0]!r} is given twice")
+        make_hooks(value)
         return value
 
     @field_validator("optimizer")

@@ -6,16 +6,19 @@
    backpropagates ``loss_i / grad_accum``, so the gradient is that of the mean loss over the
    ``batch * grad_accum`` examples (:func:`accumulate_gradients`).
 2. The adapter method's own loss term, if it has one (``slimtune.adapt.extra_loss``, e.g. SORSA's
-   orthonormal regulariser), is added once per step.
+   orthonormal regulariser), is added once per step; the training hooks' ``after_backward``
+   runs (:mod:`.hooks`: TRP's nuclear-norm sub-gradient).
 3. The global gradient norm is clipped to ``max_grad_norm``; the optimiser (``config.optimizer``,
    AdamW by default, :mod:`.optimizers`; over the trainable parameters only) steps at the
    warmup-cosine learning rate (:mod:`.schedule`) (:func:`optimizer_step`).
 4. The method's ``after_step`` hook runs with the number of optimiser steps done so far (1 after
-   the first step).
+   the first step), then the training hooks' ``after_step``.
 5. Every ``eval_every`` steps and after the last one the task evaluates on held-out data
    (perplexity or accuracy); every ``save_every`` steps a checkpoint is written (:mod:`.state`).
 
-The loop never looks at the method's name: everything method-specific is in the hooks. With
+Under ``torchrun`` every process runs this loop on its shard of each batch and DDP averages the
+gradients (:mod:`.distributed`); rank 0 evaluates and writes. The loop never looks at the
+method's or optimiser's name: everything method-specific is in the hooks. With
 ``adapter=None`` every parameter trains (full fine-tuning, the reference row). Resuming from the
 latest checkpoint restores weights, optimizer, scheduler, RNG states and data position, so the
 run continues exactly as if it had not stopped. The history (per step: loss, lr, gradient norm,
@@ -23,6 +26,7 @@ seconds, peak RSS, evaluations) is returned and written to ``OUT/history.json`` 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import statistics
@@ -35,29 +39,36 @@ from torch import nn
 from slimtune import adapt
 from slimtune.adapt.registry import AdapterConfig
 from slimtune.evaluate import peak_rss_mb
-from slimtune.io.atomic import check_replaceable, is_ours
 from slimtune.progress import note, progress_bar
 from slimtune.train import state as files
+from slimtune.train import distributed
+from slimtune.train.checks import check_calibration, check_compatibility, check_resume
 from slimtune.train.config import TrainConfig
+from slimtune.train.hooks import make_hooks, run_hooks
 from slimtune.train.optimizers import build as build_optimizer
 from slimtune.train.schedule import warmup_cosine
 
 
 def accumulate_gradients(model: nn.Module, task, micro_batches: list) -> float:
-    """Backpropagate the mean of the micro-batches' losses; return that mean (a float)."""
+    """Backpropagate the mean of the micro-batches' losses; return that mean (a float). Under
+    DDP (``model`` has ``no_sync``) the gradients are averaged over the processes once, in the
+    last micro-batch's backward."""
     total = 0.0
-    for batch in micro_batches:
-        loss = task.loss(model, batch)
-        (loss / len(micro_batches)).backward()
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
+            loss = task.loss(model, batch)
+            (loss / len(micro_batches)).backward()
         total += loss.item()
     return total / len(micro_batches)
 
 
-def step_gradients(model: nn.Module, task, batches: list, with_adapter: bool
-                   ) -> tuple[float, float | None]:
-    """The step's gradients: the micro-batches' mean loss and the adapter's extra loss (if its
-    method has one), backpropagated; ``(loss, extra loss or None)``."""
-    loss = accumulate_gradients(model, task, batches)
+def step_gradients(model: nn.Module, task, batches: list, with_adapter: bool,
+                   runner: nn.Module | None = None) -> tuple[float, float | None]:
+    """The step's gradients: the micro-batches' mean loss (through ``runner``, the DDP wrapper
+    of ``model`` if any) and the adapter's extra loss (if its method has one), backpropagated;
+    ``(loss, extra loss or None)``."""
+    loss = accumulate_gradients(model if runner is None else runner, task, batches)
     extra = adapt.extra_loss(model) if with_adapter else None
     if extra is not None:
         extra.backward()
@@ -91,68 +102,36 @@ def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
     return float(norm)
 
 
-def check_calibration(config: TrainConfig, adapter: AdapterConfig | None) -> None:
-    """``calib_data`` is only for data-driven adapter methods (it would silently do nothing)."""
-    if config.calib_data is not None and (
-            adapter is None or not adapt.needs_calibration(adapter.method)):
-        what = "full fine-tuning" if adapter is None else adapter.method
-        raise ValueError(f"calib_data={config.calib_data!r}: {what} uses no calibration data")
-
-
-def check_resume(out: str | os.PathLike, config: TrainConfig, adapter: AdapterConfig | None,
-                 resume: bool, overwrite: bool = False) -> Path | None:
-    """Check ``out`` for a run with these settings (cheap: reads no weights); return the
-    checkpoint to resume from, or None to start afresh.
-
-    Without ``resume`` or ``overwrite`` a non-empty ``out`` is a ``FileExistsError``. With
-    ``overwrite`` the run starts afresh, and ``out`` must be a directory slimtune wrote
-    (``NotOurDirectoryError`` otherwise). With ``resume``: ``ValueError`` for a finished run, for
-    a directory that holds files but neither a checkpoint nor slimtune's marker (another
-    program's files: never trained into, never replaced), or for a checkpoint whose settings
-    (other than eval_every / save_every) or adapter differ."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out {out} exists and is not a directory")
-    if resume and overwrite:
-        raise ValueError("resume and overwrite exclude each other")
-    if overwrite:
-        check_replaceable(out, overwrite=True)
-        return None
-    if not resume:
-        if out.is_dir() and any(out.iterdir()):
-            raise FileExistsError(f"out {out} already exists (resume=True continues its run, "
-                                  "overwrite=True replaces it)")
-        return None
-    checkpoint = files.latest_checkpoint(out)  # (a finished run keeps none: its last write
-    if checkpoint is None and files.is_finished(out):  # replaced them all)
-        raise ValueError(f"out {out} holds a finished run: nothing to resume")
-    if checkpoint is None:
-        if out.is_dir() and any(out.iterdir()) and not is_ours(out):
-            raise ValueError(f"out {out} holds files but no slimtune checkpoint to resume from; "
-                             "refusing to train into it (choose another output directory)")
-        return None
-    saved = files.read_run(checkpoint)
-    changed = config.resume_mismatch(saved["config"])
-    if changed:
-        raise ValueError(f"{checkpoint}: cannot resume with different settings: {', '.join(changed)}")
-    now = None if adapter is None else adapter.model_dump(mode="json")
-    if saved["adapter"] != now:
-        raise ValueError(f"{checkpoint}: cannot resume with a different adapter "
-                         f"(saved {saved['adapter']}, given {now})")
-    return checkpoint
+def state_megabytes(state) -> float:
+    """MB (2**20 bytes) of every tensor in ``state`` (an optimiser's ``state_dict``)."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size() / 2**20
+    if isinstance(state, dict):
+        return sum(state_megabytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_megabytes(v) for v in state)
+    return 0.0
 
 
 def _setup_model(model: nn.Module, task, config: TrainConfig, adapter: AdapterConfig | None,
-                 checkpoint: Path | None, progress: bool) -> nn.Module:
-    """The task's model with the adapter applied (or restored) and only its parameters trainable."""
+                 checkpoint: Path | None, progress: bool, hooks: list,
+                 train_rest: bool = False) -> nn.Module:
+    """The task's model with the adapter applied (or restored) and only its parameters
+    trainable (with ``train_rest``: every parameter outside the adapted layers too); the
+    training hooks' ``setup`` has run on it (before a full checkpoint's weights are restored,
+    after an adapter's)."""
     if adapter is None and files.has_adapter(model):
         raise ValueError("the model already carries an adapter: pass adapter=<config> and a plain "
                          "base model (train applies it), or merge it first")
     model = task.prepare_model(model, seed=config.seed)
-    if checkpoint is not None:
-        return files.restore_weights(model, checkpoint, adapter is not None)
     if adapter is None:
-        return model.requires_grad_(True)
+        model.requires_grad_(True)
+        run_hooks(hooks, "setup", model)
+        return model if checkpoint is None else files.restore_weights(model, checkpoint, False)
+    if checkpoint is not None:
+        model = files.restore_weights(model, checkpoint, True)
+        run_hooks(hooks, "setup", model)
+        return model
     calib = (task.calibration(config.calib_n, config.seed, config.calib_data)
              if adapt.needs_calibration(adapter.method) else None)
     params = adapter.model_dump(exclude={"method"})
@@ -163,13 +142,20 @@ def _setup_model(model: nn.Module, task, config: TrainConfig, adapter: AdapterCo
             raise ValueError(f"targets {adapter.targets!r} wrapped {name!r}, which trains in "
                              "full: leave it out of the targets")
         module.requires_grad_(True)
+    if train_rest:
+        adapted = tuple(f"{name}." for name in model.slimtune_adapter["layers"])
+        for name, p in model.named_parameters():
+            if not name.startswith(adapted):
+                p.requires_grad_(True)
+    run_hooks(hooks, "setup", model)
     return model
 
 
 def _new_history(model: nn.Module, config: TrainConfig, adapter: AdapterConfig | None,
-                 params: list[nn.Parameter]) -> dict:
+                 params: list[nn.Parameter], meta: dict) -> dict:
     hf_config = getattr(model, "config", None)
-    effective = {**config.model_dump(mode="json"), "seqlen": config.window}
+    effective = {**config.model_dump(mode="json"), "seqlen": config.window,
+                 "global_batch": config.batch * config.grad_accum * meta["world_size"]}
     if adapter is not None and adapt.needs_calibration(adapter.method):
         effective["calib_data"] = config.calib_data or config.data
     return {"model": getattr(hf_config, "_name_or_path", None),
@@ -178,12 +164,13 @@ def _new_history(model: nn.Module, config: TrainConfig, adapter: AdapterConfig |
             "adapter": None if adapter is None else adapter.model_dump(mode="json"),
             "trainable_parameters": sum(p.numel() for p in params),
             "parameters": sum(p.numel() for p in model.parameters()),
-            "torch_threads": torch.get_num_threads(), "resumed_at": [], "steps": []}
+            "torch_threads": torch.get_num_threads(), **meta, "resumed_at": [], "steps": []}
 
 
 def train(model: nn.Module, task, config: TrainConfig, out: str | os.PathLike,
           adapter: AdapterConfig | None = None, resume: bool = False, overwrite: bool = False,
-          progress: bool = True) -> tuple[nn.Module, dict]:
+          progress: bool = True, meta: dict | None = None, merge_adapter: bool = False,
+          train_rest: bool = False) -> tuple[nn.Module, dict]:
     """Fine-tune ``model`` on ``task`` (see the module docstring); return ``(trained model,
     history)``.
 
@@ -191,15 +178,31 @@ def train(model: nn.Module, task, config: TrainConfig, out: str | os.PathLike,
     restored on it from the checkpoint when resuming, or all its parameters are unfrozen). The
     returned model is the task's model around it (a classifier wraps an encoder). ``out`` must not
     hold files unless ``resume`` or ``overwrite`` (see :func:`check_resume`); with ``resume`` and
-    no checkpoint yet, training starts afresh.
+    no checkpoint yet, training starts afresh. ``meta`` (JSON-able) is stored with checkpoints
+    and must match on resume, as the world size does. ``merge_adapter`` folds the adapter into
+    the model before the final write (a model directory instead of an adapter); ``train_rest``
+    trains every parameter outside the adapted layers beside the adapter (embeddings and norms
+    when pretraining with a factored method; saved with the adapter). Under torchrun
+    this is one data-parallel process (:mod:`.distributed`).
     """
+    world, rank = distributed.start(), distributed.rank()
+    meta = {"world_size": world, **(meta or {})}
     check_calibration(config, adapter)
-    checkpoint = check_resume(out, config, adapter, resume, overwrite)
+    check_compatibility(config, adapter)
+    hooks = make_hooks(config.hooks)
+    checkpoint = check_resume(out, config, adapter, resume, overwrite, meta)
     saved = files.read_state(checkpoint) if checkpoint is not None else None
-    files.claim(out, fresh=checkpoint is None)
-    if resume and checkpoint is None:
+    main = rank == 0
+    distributed.barrier()  # every process has read ``out`` before rank 0 claims it
+    if main:
+        files.claim(out, fresh=checkpoint is None)
+    progress = progress and main
+    if resume and checkpoint is None and main:
         note(f"{out}: no checkpoint to resume from yet; starting at step 0")
-    model = _setup_model(model, task, config, adapter, checkpoint, progress)
+    model = _setup_model(model, task, config, adapter, checkpoint, progress, hooks,
+                         train_rest)
+    if world > 1 and torch.cuda.is_available():
+        model.cuda()
     with_adapter = adapter is not None
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -213,10 +216,12 @@ def train(model: nn.Module, task, config: TrainConfig, out: str | os.PathLike,
         files.set_rng_state(saved["rng"])
         history, start = saved["history"], saved["step"]
         history["resumed_at"].append(start)
-        note(f"resumed from step {start} of {config.steps} ({checkpoint})")
+        if main:
+            note(f"resumed from step {start} of {config.steps} ({checkpoint})")
     else:
         torch.manual_seed(config.seed)
-        history, start = _new_history(model, config, adapter, params), 0
+        history, start = _new_history(model, config, adapter, params, meta), 0
+    runner = distributed.wrap(model)
 
     model.train()
     bar, bar_task = progress_bar(config.steps, "train", progress)
@@ -225,36 +230,49 @@ def train(model: nn.Module, task, config: TrainConfig, out: str | os.PathLike,
         for step in range(start, config.steps):
             began = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
-            batches = [task.next_batch(config.batch) for _ in range(config.grad_accum)]
-            loss, extra = step_gradients(model, task, batches, with_adapter)
+            batches = [distributed.shard(task.next_batch(config.batch * world), rank, world,
+                                         config.batch) for _ in range(config.grad_accum)]
+            loss, extra = step_gradients(model, task, batches, with_adapter, runner)
+            loss = distributed.mean_over_processes(loss)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"step {step + 1}: the loss is {loss} (try a lower lr)")
+            run_hooks(hooks, "after_backward", model, step)
             record = {"step": step + 1, "loss": loss, "lr": lr}
             if extra is not None:
                 record["extra_loss"] = extra
             record["grad_norm"] = optimizer_step(
                 params, optimizer, scheduler, config.max_grad_norm,
-                lambda: step_gradients(model, task, batches, with_adapter)[0])
+                lambda: step_gradients(model, task, batches, with_adapter, runner)[0])
             if with_adapter:
                 adapt.after_step(model, step + 1)
+            run_hooks(hooks, "after_step", model, step + 1, optimizer)
             record["seconds"] = time.perf_counter() - began
             record["peak_rss_mb"] = peak_rss_mb()
             done = step + 1
-            if done == config.steps or (config.eval_every and done % config.eval_every == 0):
+            if main and (done == config.steps or (config.eval_every and
+                                                  done % config.eval_every == 0)):
                 record["eval"] = task.evaluate(model)
             history["steps"].append(record)
-            tokens = config.batch * config.grad_accum * config.window  # at most (padding)
+            tokens = config.batch * config.grad_accum * config.window * world  # at most
             bar.update(bar_task, advance=1, description=f"train loss {loss:.4f} lr {lr:.2e} "
                        f"{tokens / record['seconds']:.0f} tokens/s")
-            if config.save_every and done % config.save_every == 0 and done < config.steps:
+            if main and config.save_every and done % config.save_every == 0 and \
+                    done < config.steps:
                 files.write_checkpoint(out, done, model, {
                     "step": done, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "data": task.state_dict(),
                     "rng": files.rng_state(), "history": history},
-                    run={"config": config.model_dump(mode="json"), "adapter": history["adapter"]})
+                    run={"config": config.model_dump(mode="json"), "adapter": history["adapter"],
+                         "meta": meta})
 
     seconds = [r["seconds"] for r in history["steps"]]
     history.update(finished=True, final_eval=history["steps"][-1].get("eval"),
-                   seconds_per_step=statistics.median(seconds), peak_rss_mb=peak_rss_mb())
-    files.write_final(out, model, task.tokenizer, history)
+                   seconds_per_step=statistics.median(seconds), peak_rss_mb=peak_rss_mb(),
+                   optimizer_state_mb=state_megabytes(optimizer.state_dict()))
+    run_hooks(hooks, "finish", model)
+    if merge_adapter and with_adapter:
+        adapt.merge(model)
+    if main:
+        files.write_final(out, model, task.tokenizer, history)
+    distributed.barrier()
     return model, history

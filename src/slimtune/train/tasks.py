@@ -13,7 +13,8 @@ The loop (:mod:`slimtune.train.loop`) knows nothing else about the model or the 
 
 :class:`CausalLMTask` -- next-token prediction on random windows of ``seqlen`` tokens of a text
 data set's or UTF-8 text file's train split (:func:`slimtune.data.load_text`); evaluation is
-:func:`slimtune.evaluate.perplexity` on the first ``eval_tokens`` tokens of the test split.
+:func:`slimtune.evaluate.perplexity` on the first ``eval_tokens`` tokens of the test split (and
+of the ``also_eval`` splits, e.g. PTB's ``valid``, as ``<split>_perplexity``).
 :class:`ClassificationTask` -- cross-entropy of a
 :class:`~slimtune.train.classifier.SequenceClassifier` on reviews truncated to ``seqlen`` tokens;
 evaluation is :func:`slimtune.evaluate.accuracy` on the first ``eval_examples`` test reviews.
@@ -109,9 +110,11 @@ class CausalLMTask:
     full_train_modules: tuple[str, ...] = ()
 
     def __init__(self, tokenizer, data: str, seqlen: int, eval_tokens: int, seed: int = 0,
-                 eval_batch: int = 4):
+                 eval_batch: int = 4, also_eval: tuple[str, ...] = ()):
         self.tokenizer, self.data, self.seqlen = tokenizer, data, seqlen
         self.eval_batch = eval_batch
+        self.also_eval = {split: split_ids(tokenizer, data, split)[:eval_tokens]
+                          for split in also_eval}
         self.train_ids = split_ids(tokenizer, data, "train")
         if self.train_ids.numel() < 2 * seqlen:
             raise ValueError(f"{describe_split(data, 'train')} has {self.train_ids.numel()} "
@@ -152,8 +155,13 @@ class CausalLMTask:
     def evaluate(self, model: nn.Module) -> dict:
         result = perplexity(model, self.test_ids, seqlen=self.seqlen, batch_size=self.eval_batch,
                             progress=False)
-        return {"perplexity": result["perplexity"], "nll": result["nll"],
-                "tokens": result["tokens"]}
+        scores = {"perplexity": result["perplexity"], "nll": result["nll"],
+                  "tokens": result["tokens"]}
+        for split, ids in self.also_eval.items():
+            scores[f"{split}_perplexity"] = perplexity(
+                model, ids, seqlen=self.seqlen, batch_size=self.eval_batch,
+                progress=False)["perplexity"]
+        return scores
 
     def calibration(self, n: int, seed: int, data: str | None = None) -> torch.Tensor:
         return calibration_windows(self.tokenizer, data=data or self.data, split="train", n=n,

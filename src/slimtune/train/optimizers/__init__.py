@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from slimtune.train.optimizers import (adamw, cautious, fira, galore, grams,  # noqa: F401
-                                       lion, sam)  # (importing registers them)
+from slimtune.train.optimizers import (adamw, cautious, fira, fsam, galore,  # noqa: F401
+                                       gam, grams, lion, mars, sam)  # (importing registers them)
 from slimtune.train.optimizers.registry import OPTIMIZERS
 
 __all__ = ["OPTIMIZERS", "build"]

@@ -22,7 +22,8 @@ from pydantic import Field, field_validator
 
 from slimtune.targets import check_target_spec
 from slimtune.train.optimizers.config import AdamKeys
-from slimtune.train.optimizers.projected import ProjectedAdamW, projected_groups
+from slimtune.train.optimizers.projected import (ProjectedAdamW, adapter_conflict,
+                                                 projected_groups)
 from slimtune.train.optimizers.registry import OPTIMIZERS
 from slimtune.weights.gradient_projection import ProjType, project_back
 
@@ -73,4 +74,8 @@ def build(model: torch.nn.Module, config: FiraConfig) -> torch.optim.Optimizer:
                           config.weight_decay)
 
 
-OPTIMIZERS.register("fira", FiraConfig, build=build)
+def conflict(config, adapter) -> str | None:
+    return adapter_conflict("fira", adapter)
+
+
+OPTIMIZERS.register("fira", FiraConfig, build=build, conflict=conflict)

@@ -24,7 +24,8 @@ from pydantic import Field, field_validator
 
 from slimtune.targets import check_target_spec
 from slimtune.train.optimizers.config import AdamKeys
-from slimtune.train.optimizers.projected import ProjectedAdamW, projected_groups
+from slimtune.train.optimizers.projected import (ProjectedAdamW, adapter_conflict,
+                                                 projected_groups)
 from slimtune.train.optimizers.registry import OPTIMIZERS
 from slimtune.weights.gradient_projection import ProjType, project_back
 
@@ -57,4 +58,8 @@ def build(model: torch.nn.Module, config: GaLoreConfig) -> torch.optim.Optimizer
                           config.weight_decay)
 
 
-OPTIMIZERS.register("galore", GaLoreConfig, build=build)
+def conflict(config, adapter) -> str | None:
+    return adapter_conflict("galore", adapter)
+
+
+OPTIMIZERS.register("galore", GaLoreConfig, build=build, conflict=conflict)

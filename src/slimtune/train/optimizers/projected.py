@@ -72,3 +72,15 @@ class ProjectedAdamW(torch.optim.Optimizer):
                 if group["weight_decay"] > 0:
                     p.add_(p, alpha=-group["lr"] * group["weight_decay"])
         return loss
+
+
+def adapter_conflict(name: str, adapter) -> str | None:
+    """Why a projected optimiser cannot train an adapter method's layers (None for full
+    training): it projects the gradients of whole ``nn.Linear`` weights, and an adapter method
+    freezes those and trains its own small factors instead."""
+    if adapter is None:
+        return None
+    return (f"{name} projects the gradients of whole linear weights, and adapter method "
+            f"{adapter.method!r} freezes them (it trains its own rank-{adapter.r} factors): use "
+            f"{name} with full training (--method full), or another optimiser (adamw) with "
+            f"{adapter.method}")
