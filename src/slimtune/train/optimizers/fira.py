@@ -54,7 +54,7 @@ def residual(full: torch.Tensor, low: torch.Tensor, adam: torch.Tensor, basis: t
     return (full - project_back(low, basis, side) * scale) * factor
 
 
-def fira_update(p, state, low_grad, low_update, side, group) -> torch.Tensor:
+def fira_update(p, state, low_grad, low_update, side, group) -> tuple[torch.Tensor, float]:
     """``α·back(ψ) + S``, S the residual after the norm-growth limiter (its limited norm kept
     in ``state`` for the next step)."""
     extra = residual(p.grad, low_grad, low_update, state["basis"], side, group["scale"])
@@ -63,7 +63,7 @@ def fira_update(p, state, low_grad, low_update, side, group) -> torch.Tensor:
         shrink = max(norm / (state["residual_norm"] + 1e-8), group["limiter"]) / group["limiter"]
         extra, norm = extra / shrink, norm / shrink
     state["residual_norm"] = norm
-    return project_back(low_update, state["basis"], side) * group["scale"] + extra
+    return extra.add_(project_back(low_update, state["basis"], side), alpha=group["scale"]), 1.0
 
 
 def build(model: torch.nn.Module, config: FiraConfig) -> torch.optim.Optimizer:

@@ -45,9 +45,9 @@ class GaLoreConfig(AdamKeys):
         return check_target_spec(value)
 
 
-def galore_update(p, state, low_grad, low_update, side, group) -> torch.Tensor:
-    """``scale · back(ψ)``."""
-    return project_back(low_update, state["basis"], side) * group["scale"]
+def galore_update(p, state, low_grad, low_update, side, group) -> tuple[torch.Tensor, float]:
+    """``scale · back(ψ)``, as ``(back(ψ), scale)``."""
+    return project_back(low_update, state["basis"], side), group["scale"]
 
 
 def build(model: torch.nn.Module, config: GaLoreConfig) -> torch.optim.Optimizer:

@@ -47,7 +47,9 @@ class ProjectedAdamW(torch.optim.Optimizer):
     """The transformers-form AdamW GaLore's and Fira's reference code use, with the gradient of
     every group that carries ``rank`` projected (:func:`projected_gradient`) and the r-space
     update turned into the full one by ``full_update(p, state, low_grad, low_update, side,
-    group)`` — the method's own rule. Decoupled weight decay after the step, as the references."""
+    group) -> (update, factor)`` — the method's own rule; the parameter moves by ``-step_size ·
+    factor · update`` (a constant factor costs no pass over the full-size update). Decoupled
+    weight decay after the step, as the references."""
 
     def __init__(self, groups: list[dict], full_update, lr: float, betas: tuple[float, float],
                  eps: float, weight_decay: float):
@@ -67,7 +69,8 @@ class ProjectedAdamW(torch.optim.Optimizer):
                     grad, side = projected_gradient(state, grad, group)
                 update, step_size = projected_adam_step(state, grad, group)
                 if "rank" in group:
-                    update = self.full_update(p, state, grad, update, side, group)
+                    update, factor = self.full_update(p, state, grad, update, side, group)
+                    step_size *= factor
                 p.add_(update, alpha=-step_size)
                 if group["weight_decay"] > 0:
                     p.add_(p, alpha=-group["lr"] * group["weight_decay"])
