@@ -191,12 +191,13 @@ def _pretrain(arch, hidden, layers, heads, kv_heads, intermediate, data, tokens,
              "to start it afresh)")
     except ValueError as err:
         fail(str(err))
-    check_output(out, 0, overwrite=True, resume=True)
-
     from slimtune.train import CausalLMTask, train
-    from slimtune.train.scratch import build_model, skeleton, tokenizer
+    from slimtune.train.scratch import build_model, parameter_count, skeleton, tokenizer
 
     tok = tokenizer()
+    # the saved model; with checkpoints, also weights + AdamW's two moments while training
+    size = parameter_count(shape, len(tok)) * 4
+    check_output(out, size * (4 if save_every else 1), overwrite=True, resume=True)
     if adapter is None:  # the optimiser's own checks (a GaLore rank too large), weightless
         from slimtune.train.optimizers import build as build_optimizer
 
