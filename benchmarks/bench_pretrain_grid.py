@@ -18,9 +18,9 @@ in ``METHODS`` with its source; none was tuned here.
 Columns: trainable parameters, optimiser-state MB (every tensor of the optimiser's state_dict at
 the end), peak RSS MB of the process, median step seconds over the run, valid / test
 perplexity, final training loss. ``--time-rounds K`` adds a timing phase: K rounds in which
-every method runs --time-steps steps in its own process, the order rotated each round; the
-median of each run's steps after the first two, then the median over rounds (alternating,
-because these machines are noisy: compare ratios, not absolute seconds).
+every method runs --time-steps steps in its own process (evaluating one window only), the order
+rotated each round; the median of each run's steps after the first two, then the median over
+rounds (alternating, because these machines are noisy: compare ratios, not absolute seconds).
 
 Rows are appended to a JSON-lines file; a row already there with the same method and settings
 is skipped, so an interrupted grid resumes.
@@ -69,12 +69,13 @@ def settings(args) -> dict:
             "batch": args.batch, "seqlen": args.seqlen, "eval_tokens": args.eval_tokens}
 
 
-def pretrain(method: str, tokens: int, args, out: Path, threads: int) -> dict:
+def pretrain(method: str, tokens: int, args, out: Path, threads: int,
+             eval_tokens: int | None = None) -> dict:
     lr, _, extra = METHODS[method]
     cmd = [str(ROOT / ".venv" / "bin" / "slimtune"), "-q", "pretrain", "--hidden", str(HIDDEN),
            "--layers", str(LAYERS), "--heads", str(HEADS), "--data", "ptb", "--tokens",
            str(tokens), "--batch", str(args.batch), "--seqlen", str(args.seqlen), "--lr",
-           str(lr), "--eval-tokens", str(args.eval_tokens), "--out", str(out), *extra]
+           str(lr), "--eval-tokens", str(eval_tokens or args.eval_tokens), "--out", str(out), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:
@@ -105,7 +106,8 @@ def timing(methods: list[str], args) -> dict:
         order = methods[rnd % len(methods):] + methods[:rnd % len(methods)]
         for method in order:
             with tempfile.TemporaryDirectory() as tmp:
-                history = pretrain(method, tokens, args, Path(tmp) / "out", args.threads)
+                history = pretrain(method, tokens, args, Path(tmp) / "out", args.threads,
+                                   eval_tokens=args.seqlen)  # timing: one window suffices
             seconds = [s["seconds"] for s in history["steps"][2:]]
             per_method[method].append(statistics.median(seconds))
         print(f"timing round {rnd + 1}: " + ", ".join(

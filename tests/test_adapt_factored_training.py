@@ -23,26 +23,10 @@ import slimtune.adapt as adapt
 from slimtune.adapt.sst import sample_pairs
 from slimtune.layers import FactoredLinear
 from slimtune.targets import factored_layers
+from test_adapt_svd_methods import block0, rel, x  # noqa: F401  (fixtures: layer 0, its input)
 
 R = 8
 NAMES = ["q_proj", "v_proj", "gate_proj"]
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).abs().max() / b.abs().max())
-
-
-@pytest.fixture(scope="module")
-def block0(smollm2):
-    return smollm2[0].model.layers[0]
-
-
-@pytest.fixture(scope="module")
-def x(smollm2, ptb_test_ids, block0):
-    """Layer 0's normalised embeddings of 24 PTB tokens (its attention projections' input)."""
-    with torch.no_grad():
-        return block0.input_layernorm(smollm2[0].model.embed_tokens(ptb_test_ids[:24][None]))
 
 
 def layers(block0) -> nn.ModuleDict:

@@ -18,6 +18,7 @@ import torch.multiprocessing as mp
 from slimtune.adapt import make_config
 from slimtune.train import CausalLMTask, TrainConfig, distributed, train
 from slimtune.train.scratch import ArchConfig, build_model, tokenizer
+from test_train import CrashAt  # raises KeyboardInterrupt in a chosen step
 
 ARCH = ArchConfig(hidden=64, layers=2, heads=2, seed=0)
 VARIANTS = {
@@ -26,22 +27,6 @@ VARIANTS = {
                None),
     "lora": ({}, {"method": "lora", "r": 4}),
 }
-
-
-class CrashAt:
-    """A task whose ``at``-th ``next_batch`` call dies (as a killed process would)."""
-
-    def __init__(self, task, at):
-        self.task, self.at, self.calls = task, at, 0
-
-    def __getattr__(self, name):
-        return getattr(self.task, name)
-
-    def next_batch(self, n):
-        self.calls += 1
-        if self.calls == self.at:
-            raise KeyboardInterrupt
-        return self.task.next_batch(n)
 
 
 def run(out, batch: int, variant: str, crash_at: int = 0, resume: bool = False,

@@ -46,6 +46,24 @@ def parse_targets(value: str):
     return value
 
 
+def adapter_from_flags(method: str, params: dict, r: int, alpha: float, targets: str, seed: int):
+    """The adapter config of ``--method`` and its options, or None for ``full``; a clear error
+    for an unknown method or a bad key."""
+    from slimtune.adapt import known_methods, make_config
+
+    if method == "full":
+        if params:
+            fail("--method full takes no --param")
+        return None
+    if method not in known_methods():
+        fail(f"unknown method {method!r}: use one of {', '.join(known_methods())} or full")
+    try:
+        return make_config(method, r=r, alpha=alpha, targets=parse_targets(targets), seed=seed,
+                           **params)
+    except ValueError as err:
+        fail(str(err))
+
+
 def parse_params(items: List[str], fail, flag: str = "--param",
                  own: tuple[str, ...] = _COMMON) -> dict:
     """``key=value`` strings -> a dict; values are read as YAML scalars (``3``, ``0.5``,
@@ -194,7 +212,6 @@ def adapt_command(
 ) -> None:
     """Validate everything, load the model, train, save."""
     check_model(model)
-    from slimtune.adapt import known_methods, make_config
     from slimtune.data import CLASSIFICATION_DATASETS, TEXT_DATASETS
     from slimtune.models import is_causal_lm, model_architectures
     from slimtune.train import make_train_config
@@ -203,18 +220,7 @@ def adapt_command(
     optimizer_params = parse_params(optim_param, fail, "--optim-param", ("lr", "weight_decay"))
     hooks = [{"seed": seed, **h} for h in parse_hooks(hook, hook_param, fail)]
     batch = per_process_batch(batch, global_batch, grad_accum, fail)
-    if method == "full":
-        if params:
-            fail("--method full takes no --param")
-        adapter = None
-    elif method not in known_methods():
-        fail(f"unknown method {method!r}: use one of {', '.join(known_methods())} or full")
-    else:
-        try:
-            adapter = make_config(method, r=r, alpha=alpha, targets=parse_targets(targets),
-                                  seed=seed, **params)
-        except ValueError as err:
-            fail(str(err))
+    adapter = adapter_from_flags(method, params, r, alpha, targets, seed)
     if task is not None and data is not None:
         fail("--data (causal-LM text) and --task (classification) exclude each other")
     if task is None and data is None:

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import typer
 
-from slimtune.cli.adapt import (option_name, parse_hooks, parse_params, parse_targets,
+from slimtune.cli.adapt import (adapter_from_flags, option_name, parse_hooks, parse_params,
                                 per_process_batch)
 from slimtune.cli.app import check_data, check_output, command, fail, stdout
 
@@ -130,7 +130,6 @@ def _pretrain(arch, hidden, layers, heads, kv_heads, intermediate, data, tokens,
               grad_accum, global_batch, lr, warmup, min_lr_ratio, weight_decay, max_grad_norm,
               optimizer, optim_param, hook, hook_param, method, r, alpha, targets, param,
               eval_every, eval_tokens, save_every, seed, config, out, resume, overwrite) -> None:
-    from slimtune.adapt import known_methods, make_config
     from slimtune.data import TEXT_DATASETS
     from slimtune.registry import validate
     from slimtune.train import distributed, make_train_config
@@ -148,18 +147,7 @@ def _pretrain(arch, hidden, layers, heads, kv_heads, intermediate, data, tokens,
     except ValueError as err:
         fail(str(err))
     params = parse_params(param, fail)
-    if method == "full":
-        if params:
-            fail("--method full takes no --param")
-        adapter = None
-    elif method not in known_methods():
-        fail(f"unknown method {method!r}: use one of {', '.join(known_methods())} or full")
-    else:
-        try:
-            adapter = make_config(method, r=r, alpha=alpha, targets=parse_targets(targets),
-                                  seed=seed, **params)
-        except ValueError as err:
-            fail(str(err))
+    adapter = adapter_from_flags(method, params, r, alpha, targets, seed)
     hooks = [{"seed": seed, **h} for h in parse_hooks(hook, hook_param, fail)]
     world = distributed.world_size()
     batch = per_process_batch(batch, global_batch, grad_accum, fail)

@@ -69,9 +69,7 @@ class FSAM(Wrapper):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if closure is None:
-            raise ValueError("fsam takes two gradients per step: call step(closure) with a "
-                             "closure that recomputes the loss's gradients")
+        self.check_closure(closure, "fsam", "two")
         pairs = self.pairs()
         if self.steps % self.mask_interval == 0:
             for p in self.params():
@@ -86,15 +84,8 @@ class FSAM(Wrapper):
             mask = self.state[p].get("fisher_mask")
             if mask is None:  # had no gradient when the mask was made: not perturbed
                 continue
-            e = torch.where(mask, p.grad * (group["rho"] / norm), 0.0)
-            p.add_(e)
-            moved.append((p, e))
-        with torch.enable_grad():
-            loss = closure()
-        for p, e in moved:
-            p.sub_(e)
-        self.base.step()
-        return loss
+            moved.append((p, torch.where(mask, p.grad * (group["rho"] / norm), 0.0)))
+        return self.step_at(moved, closure)
 
     def state_dict(self):
         index = {id(p): i for i, p in enumerate(self.params())}

@@ -72,9 +72,7 @@ class GAM(Wrapper):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if closure is None:
-            raise ValueError("gam takes four gradients per step: call step(closure) with a "
-                             "closure that recomputes the loss's gradients")
+        self.check_closure(closure, "gam", "four")
         pairs = self.pairs()
         params, groups = [p for p, _ in pairs], [g for _, g in pairs]
         g0 = [p.grad for p in params]

@@ -44,9 +44,7 @@ class SAM(Wrapper):
 
     @torch.no_grad()
     def step(self, closure=None):
-        if closure is None:
-            raise ValueError("sam/asam take two gradients per step: call step(closure) with a "
-                             "closure that recomputes the loss's gradients")
+        self.check_closure(closure, "sam/asam", "two")
         pairs = self.pairs()
         norm = global_norm(self.perturbation(p, g) for p, g in pairs)
         moved = []
@@ -54,15 +52,8 @@ class SAM(Wrapper):
             scaled = self.perturbation(p, group)
             if group["adaptive"]:
                 scaled = scaled * (p.abs() + group["eta"])
-            e = scaled * (group["rho"] / (norm + 1e-12))
-            p.add_(e)
-            moved.append((p, e))
-        with torch.enable_grad():
-            loss = closure()
-        for p, e in moved:
-            p.sub_(e)
-        self.base.step()
-        return loss
+            moved.append((p, scaled * (group["rho"] / (norm + 1e-12))))
+        return self.step_at(moved, closure)
 
 
 def build(model: torch.nn.Module, config: SAMConfig) -> torch.optim.Optimizer:

@@ -94,6 +94,24 @@ class Wrapper(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True):
         self.base.zero_grad(set_to_none=set_to_none)
 
+    @staticmethod
+    def check_closure(closure, name: str, gradients: str) -> None:
+        if closure is None:
+            raise ValueError(f"{name} takes {gradients} gradients per step: call step(closure) "
+                             "with a closure that recomputes the loss's gradients")
+
+    def step_at(self, shifts: list[tuple[torch.Tensor, torch.Tensor]], closure) -> torch.Tensor:
+        """Move each parameter by its shift, take the closure's gradients there, move back and
+        step the base with them (the sharpness-aware update); the closure's loss."""
+        for p, e in shifts:
+            p.add_(e)
+        with torch.enable_grad():
+            loss = closure()
+        for p, e in shifts:
+            p.sub_(e)
+        self.base.step()
+        return loss
+
 
 def global_norm(tensors) -> torch.Tensor:
     """The L2 norm of all ``tensors`` together."""
