@@ -7,8 +7,8 @@ one each round), so the ratios to LoRA measured here are comparable.
 
 A step is what :func:`slimtune.train.train` does per optimiser step with ``grad_accum=1``: forward
 + causal-LM cross-entropy (+ the method's own loss term, e.g. SORSA's orthonormal regulariser) +
-backward + global-norm clipping to 1.0 + AdamW step + ``zero_grad`` + the method's after-step
-hook, on the same --batch × --seqlen Austen-train windows every time. Adapters: r=16, alpha=32,
+backward + the method's after-backward hook + global-norm clipping to 1.0 + AdamW step +
+``zero_grad`` + the method's after-step hook, on the same --batch × --seqlen Austen-train windows every time. Adapters: r=16, alpha=32,
 all 7 projections of every block, the method's default parameters (the quality grid's settings);
 data-driven methods (corda, eva) are calibrated on --calib-n Austen-train windows (seed 0).
 Set-up (SVD, calibration) is not timed. ``full`` trains every parameter.
@@ -38,7 +38,10 @@ import torch.nn.functional as F
 from bench_common import alternate, append_row, first_blocks, read_rows
 
 DEFAULT_RESULTS = Path(__file__).with_name("results") / "adapt_methods_step.jsonl"
-METHODS = ["lora", "dora", "pissa", "milora", "olora", "corda", "eva", "svfit", "sorsa", "full"]
+def registered() -> list[str]:
+    from slimtune.adapt import known_methods
+
+    return [*known_methods(), "full"]
 LR = 1e-4
 
 
@@ -67,11 +70,13 @@ def step(model, optimizer, params, ids, with_adapter: bool, number: int) -> tupl
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     extra = adapt.extra_loss(model) if with_adapter else None
     (loss if extra is None else loss + extra).backward()
+    if with_adapter:  # ``number`` counts from 1: the steps done once this one is
+        adapt.after_backward(model, number - 1)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if with_adapter:
-        adapt.after_step(model, number)
+        adapt.after_step(model, number, optimizer)
     return time.perf_counter() - start, loss.item()
 
 
@@ -134,7 +139,9 @@ def print_table(rows: list[dict]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS)
+    ap.add_argument("--methods", nargs="+", choices=registered(), default=registered(),
+                    help="every model is held in memory at once (~0.6 GB each): pass a subset "
+                         "with lora in it on small machines")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seqlen", type=int, default=128)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per model")

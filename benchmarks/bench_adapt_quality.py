@@ -21,7 +21,8 @@ random head): chance level, the floor of the table.
 Rows ``full-galore``, ``full-fira``, ``full-lion`` (Austen only) fine-tune every weight with that
 optimiser instead of AdamW (keys in ``VARIANTS``).
 
-Columns: method, lr, trainable parameters, median step seconds (wall time: run on a quiet
+Columns: method, lr, trainable parameters, adapter KB on disk (adapter.safetensors + adapter.json
+as the loop writes it; rows stored before issue #16 have none), median step seconds (wall time: run on a quiet
 machine), peak RSS (MB, of the row's process at the end of training; ``none``: after evaluation),
 optimiser-state MB (every tensor of its state_dict at the end; rows stored before issue #15 have
 none),
@@ -173,10 +174,14 @@ def run_one(job: dict) -> dict:
         row.update(trainable=0, step_s=None, losses=[])
     else:
         adapter = None if variant["method"] == "full" else make_config(
-            variant["method"], r=s["r"], alpha=s["alpha"], seed=s["seed"], **variant["params"])
+            variant["method"], **{"r": s["r"], "alpha": s["alpha"], "seed": s["seed"],
+                                  **variant["params"]})
         with tempfile.TemporaryDirectory() as tmp:
             model, history = train(model, task, config, Path(tmp) / "run", adapter=adapter,
                                    progress=False)
+            if adapter is not None:  # what the adapter costs on disk (safetensors + json)
+                row["adapter_bytes"] = sum(f.stat().st_size for f in (Path(tmp) / "run").iterdir()
+                                           if f.name.startswith("adapter."))
         row.update(trainable=history["trainable_parameters"],
                    step_s=history["seconds_per_step"], peak_rss_mb=history["peak_rss_mb"],
                    optimizer_state_mb=history.get("optimizer_state_mb"),
@@ -216,7 +221,8 @@ def print_table(rows: list[dict], task: str, steps: int) -> None:
     at = loss_steps(steps)
     metric = ("Austen ppl", "PTB ppl") if task == "austen" else ("accuracy",)
     early = max(1, steps // 4)
-    cols = ("method", "lr", "trainable", "step s", "peak RSS MB", "optimiser state MB", *metric,
+    cols = ("method", "lr", "trainable", "adapter KB", "step s", "peak RSS MB",
+            "optimiser state MB", *metric,
             *[f"loss@{k}" for k in at], f"mean loss 1-{early}", f"mean loss 1-{steps}")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
@@ -227,7 +233,8 @@ def print_table(rows: list[dict], task: str, steps: int) -> None:
         loss_cells = [fmt(losses[k - 1] if len(losses) >= k else None, ".4f") for k in at]
         loss_cells += [fmt(sum(losses[:n]) / n if len(losses) >= n else None, ".4f")
                        for n in (early, steps)]
-        print(f"| {r['method']} | {fmt(r['lr'], 'g')} | {r['trainable']:,} | "
+        kb = None if r.get("adapter_bytes") is None else r["adapter_bytes"] / 1024
+        print(f"| {r['method']} | {fmt(r['lr'], 'g')} | {r['trainable']:,} | {fmt(kb, ',.0f')} | "
               f"{fmt(r['step_s'], '.2f')} | {r['peak_rss_mb']:.0f} | "
               f"{fmt(r.get('optimizer_state_mb'), '.0f')} | "
               + " | ".join(values + loss_cells) + " |")

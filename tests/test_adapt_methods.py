@@ -39,7 +39,14 @@ TRAINABLE = {"lora": LOW_RANK, "pissa": LOW_RANK, "milora": LOW_RANK, "olora": L
              "corda": LOW_RANK, "eva": LOW_RANK, "dora": LOW_RANK | {"transform.magnitude"},
              "svfit": {"lowrank.core"}, "sorsa": LOW_RANK | {"lowrank.core"},
              "sltrain": LOW_RANK | {"sparse.values"}, "lost": LOW_RANK | {"sparse.values"},
-             "sst": LOW_RANK | {"lowrank.core"}}
+             "sst": LOW_RANK | {"lowrank.core"}, "vera": {"lowrank.d", "lowrank.b"},
+             "nola": {"lowrank.alpha", "lowrank.beta"}, "miss": {"lowrank.D"},
+             "lora_xs": {"lowrank.core"}, "adalora": LOW_RANK | {"lowrank.core"},
+             "sft": {"sparse.values"}, "sara": {"sparse.values"},
+             "dsee": LOW_RANK | {"sparse.values"}, "dylora": LOW_RANK,
+             "sora": LOW_RANK | {"lowrank.core"}, "increlora": LOW_RANK | {"lowrank.core"},
+             "loldu": {"lowrank.core"}, "lora_sb": {"lowrank.core"}, "allora": LOW_RANK,
+             "ggpo": LOW_RANK, "ba_lora": LOW_RANK}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -128,9 +135,15 @@ def base_logits(smollm2, text_ids):
     return logits(smollm2[0], text_ids)
 
 
+# settings where the generic perturbation would barely move the output (AdaLoRA's PEFT init:
+# P, Q ~ N(0, 0.02²) and Λ = 0, so a 1e-2 change of Λ moves ΔW ~60x less than LoRA's B;
+# IncreLoRA starts from the same init)
+PARAMS = {"adalora": {"alpha": 256.0}, "increlora": {"alpha": 256.0}}
+
+
 def apply_method(model, method, calib, **kw):
     return adapt.apply(model, method, calib=calib if is_data_driven(method) else None,
-                       progress=False, **kw)
+                       progress=False, **{**PARAMS.get(method, {}), **kw})
 
 
 @pytest.fixture(scope="module", params=METHODS)

@@ -21,20 +21,30 @@ from test_peft_parity import (ALPHA, TOL, R, base, calib, full, ids, logits,  # 
                               need, ours, perturb, rel)
 
 # -- export round trips -----------------------------------------------------------------------
-FAST = ["rslora", "dora", "pissa", "svfit"]  # one per export case: plain, DoRA, origin, core
-EXPECTED = ["lora", "rslora", "dora", "pissa", "milora", "olora", "corda", "eva", "svfit", "sorsa"]
-WITH_ORIGIN = {"pissa", "milora", "olora", "corda", "svfit", "sorsa"}
-# training parameterisations PEFT's LoRA cannot hold: the reason to_peft gives (defaults: the
-# layer has no base; with keep_base, a sparse part)
+FAST = ["rslora", "dora", "pissa", "svfit", "vera"]  # plain, DoRA, origin, core, lora_factors
+EXPECTED = ["lora", "rslora", "dora", "pissa", "milora", "olora", "corda", "eva", "svfit", "sorsa",
+            "vera", "nola", "miss", "lora_xs", "adalora", "dylora", "sora", "increlora",
+            "loldu", "lora_sb", "allora", "ggpo", "ba_lora"]
+WITH_ORIGIN = {"pissa", "milora", "olora", "corda", "svfit", "sorsa", "loldu", "lora_sb",
+               "ba_lora"}
+# training parameterisations and sparse adapters PEFT's LoRA cannot hold: the reason to_peft
+# gives (defaults: the layer has no base, or a sparse part; with keep_base, a sparse part)
 REFUSED = {"sltrain": ("no base weight", "sparse part"), "lost": ("no base weight", "mask"),
-           "sst": ("no base weight", None)}
+           "sst": ("no base weight", None), "sft": ("sparse part", None),
+           "sara": ("sparse part", None), "dsee": ("sparse part", None)}
 OTHERS = sorted(set(adapt.known_methods()) - set(EXPECTED) - set(REFUSED))  # registered since
+
+
+# settings where the generic perturbation would barely move the output (VeRA's d starts at 0.1)
+PARAMS = {"rslora": {"rslora": True}, "vera": {"d_initial": 1.0},
+          "adalora": {"alpha": 256.0},  # PEFT's init: P, Q ~ N(0, 0.02²), Λ = 0
+          "increlora": {"alpha": 256.0}}  # the same init
 
 
 def adapted(base, method, calib):
     name = "lora" if method == "rslora" else method
     need(name)
-    params = {"rslora": True} if method == "rslora" else {}
+    params = PARAMS.get(method, {})
     needs_calib = adapt.needs_calibration(name)
     return ours(base, name, calib=calib if needs_calib else None, **params)
 

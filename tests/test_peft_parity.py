@@ -41,8 +41,8 @@ def logits(model, ids) -> torch.Tensor:
     return model(input_ids=ids, use_cache=False).logits
 
 
-def ours(base, method, calib=None, **params):
-    return adapt.apply(copy.deepcopy(base), method, r=R, alpha=ALPHA, targets=TARGETS, calib=calib,
+def ours(base, method, calib=None, alpha=ALPHA, **params):
+    return adapt.apply(copy.deepcopy(base), method, r=R, alpha=alpha, targets=TARGETS, calib=calib,
                        progress=False, **params)
 
 

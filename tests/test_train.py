@@ -228,26 +228,53 @@ def test_resume_after_a_crash_gives_the_uninterrupted_run(smollm2, lm_task, tmp_
               resume=True, progress=False)
 
 
-# -- hooks: the loop calls the method's loss and after_step, whatever the method ---------------
-def test_method_hooks_are_called(minilm, monkeypatch, tmp_path):
+# -- hooks: the loop calls the method's hooks, whatever the method --------------------------------
+def test_method_hooks_are_called_and_their_state_resumes(minilm, tmp_path):
+    """loss, after_backward (gradients present), after_step (with the optimiser; method_state
+    holds the run's length), finish; method_state comes back from a checkpoint."""
     calls = []
 
     def loss(model, config):
         return 0.0 * sum(p.sum() for p in adapt.trainable_parameters(model).values()) + 0.25
 
+    def after_backward(model, config, step):
+        assert all(p.grad is not None for p in adapt.trainable_parameters(model).values())
+        calls.append(("backward", step))
+
+    def after_step(model, config, step, optimizer):
+        assert isinstance(optimizer, torch.optim.Optimizer)
+        state = adapt.method_state(model)
+        state["count"] = state.get("count", 0) + 1
+        calls.append(("step", step, state["total_steps"]))
+
+    def finish(model, config):
+        calls.append(("finish", adapt.method_state(model)["count"]))
+
     lora = registry.get_method("lora")
     registry.METHODS.register("hooked", registry.AdapterConfig, init_layer=lora.hook("init_layer"),
-                              loss=loss, after_step=lambda model, config, step: calls.append(step))
+                              loss=loss, after_backward=after_backward, after_step=after_step,
+                              finish=finish)
     encoder, tok = minilm
-    task = ClassificationTask(tok, "finefoods", seqlen=32, eval_examples=8)
-    config = make_train_config(data="finefoods", steps=3, batch=2, seqlen=32, eval_examples=8)
+    task = lambda: ClassificationTask(tok, "finefoods", seqlen=32, eval_examples=8)  # noqa: E731
+    config = make_train_config(data="finefoods", steps=3, batch=2, seqlen=32, eval_examples=8,
+                               save_every=2)
+    adapter = make_config("hooked", r=2)
     try:
-        _, history = train(copy.deepcopy(encoder), task, config, tmp_path / "run",
-                           adapter=make_config("hooked", r=2), progress=False)
+        _, history = train(copy.deepcopy(encoder), task(), config, tmp_path / "run",
+                           adapter=adapter, progress=False)
+        assert calls == [("backward", 0), ("step", 1, 3), ("backward", 1), ("step", 2, 3),
+                         ("backward", 2), ("step", 3, 3), ("finish", 3)]
+        assert [r["extra_loss"] for r in history["steps"]] == [0.25] * 3
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):  # dies in step 3, after the step-2 checkpoint
+            train(copy.deepcopy(encoder), CrashAt(task(), 3), config, tmp_path / "cut",
+                  adapter=adapter, progress=False)
+        calls.clear()
+        train(copy.deepcopy(encoder), task(), config, tmp_path / "cut", adapter=adapter,
+              resume=True, progress=False)
     finally:
         registry.METHODS.unregister("hooked")
-    assert calls == [1, 2, 3]
-    assert [r["extra_loss"] for r in history["steps"]] == [0.25] * 3
+    assert calls == [("backward", 2), ("step", 3, 3), ("finish", 3)]  # count 2 came back
 
 
 @pytest.mark.parametrize("calib_data", [None, "ptb"])

@@ -1,4 +1,4 @@
-"""Python API of the adapter methods: ``apply``, ``save``, ``load``, ``merge``.
+"""Python API of the adapter methods: ``apply``, ``save``, ``load``, ``merge``, ``use_rank``.
 
 - :func:`apply` wraps the targeted linears of a model as ``FactoredLinear`` layers initialised by
   the named method, freezes every other parameter, and records the method config on the model
@@ -13,6 +13,8 @@
   A layer saved without a base (a training parameterisation that replaces the weight: SLTrain,
   LOST, SST) is rebuilt from its saved parts alone; the fresh weight is not used.
 - :func:`merge` folds every adapted layer into a plain ``nn.Linear``.
+- :func:`use_rank` evaluates the adapter truncated to its first ``b`` components (DyLoRA's
+  rank-b adapter; :func:`check_rank` checks a saved adapter for it before a model loads).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from torch import nn
 
 from slimtune.adapt.registry import AdapterConfig, get_method, make_config
 from slimtune.io.atomic import atomic_dir
-from slimtune.layers import FactoredLinear
+from slimtune.layers import FactoredLinear, empty_lowrank
 from slimtune.progress import progress_bar
 from slimtune.targets import factored_layers, match_targets, merge_factored, set_module
 from slimtune.weights.precision import compute_dtype
@@ -62,12 +64,14 @@ def apply(model: nn.Module, method: str, r: int = 16, alpha: float = 32.0,
     check_layer = m.hook("check_layer")
     for name in names:
         linear = model.get_submodule(name)
-        if config.r > min(linear.in_features, linear.out_features):
-            raise ValueError(f"{method}: r={config.r} exceeds min(out, in) = "
-                             f"{min(linear.in_features, linear.out_features)} of {name}")
+        limit = config.rank_limit(linear.out_features, linear.in_features)
+        if config.r > limit:
+            what = ("min(out, in)" if limit == min(linear.out_features, linear.in_features)
+                    else "the largest rank")
+            raise ValueError(f"{method}: r={config.r} exceeds {what} = {limit} of {name}")
         if check_layer is not None:
             check_layer(config, name, linear)
-    prepare, init_layer = m.hook("prepare"), m.hook("init_layer")
+    prepare, plan, init_layer = m.hook("prepare"), m.hook("plan"), m.hook("init_layer")
     if prepare is not None and calib is None:
         raise ValueError(f"{method} is data-driven: pass calib=<LongTensor [n, seqlen] of token "
                          "windows> (e.g. slimtune.calib.calibration_windows)")
@@ -76,7 +80,8 @@ def apply(model: nn.Module, method: str, r: int = 16, alpha: float = 32.0,
     if calib is not None and (calib.ndim != 2 or calib.dtype != torch.long):
         raise ValueError(f"calib must be a LongTensor [n, seqlen], got {calib.dtype} "
                          f"{tuple(calib.shape)}")
-    prepared = prepare(model, names, config, calib, progress=progress) if prepare else {}
+    prepared = (prepare(model, names, config, calib, progress=progress) if prepare
+                else plan(model, names, config) if plan else {})
     for p in model.parameters():
         p.requires_grad_(False)
     bar, task = progress_bar(len(names), f"{method} init (r={config.r})", progress)
@@ -100,11 +105,42 @@ def extra_loss(model: nn.Module) -> torch.Tensor | None:
     return None if loss is None else loss(model, config)
 
 
-def after_step(model: nn.Module, step: int) -> None:
+def _run_hook(model: nn.Module, hook: str, *args) -> None:
     config = adapter_config(model)
-    hook = get_method(config.method).hook("after_step")
-    if hook is not None:
-        hook(model, config, step)
+    function = get_method(config.method).hook(hook)
+    if function is not None:
+        function(model, config, *args)
+
+
+def before_step(model: nn.Module, step: int) -> None:
+    """The method's ``before_step`` hook (before the step's first forward; DyLoRA's rank)."""
+    _run_hook(model, "before_step", step)
+
+
+def after_backward(model: nn.Module, step: int) -> None:
+    """The method's ``after_backward`` hook (gradients present, before the optimiser step)."""
+    _run_hook(model, "after_backward", step)
+
+
+def after_step(model: nn.Module, step: int, optimizer=None) -> None:
+    """The method's ``after_step`` hook (``optimizer``: the training loop's, whose state a
+    method that moves or regrows entries resets for them; None outside the loop)."""
+    _run_hook(model, "after_step", step, optimizer)
+
+
+def finish(model: nn.Module) -> None:
+    """The method's ``finish`` hook (training ended; before the adapter is written)."""
+    _run_hook(model, "finish")
+
+
+def method_state(model: nn.Module) -> dict:
+    """The method's training state between steps (a dict of tensors and numbers it fills in;
+    saved with training checkpoints, not with the adapter). The training loop sets
+    ``total_steps`` (the run's number of optimiser steps) before the first step."""
+    record = getattr(model, "slimtune_adapter", None)
+    if record is None:
+        raise ValueError("this model has no slimtune adapter (use slimtune.adapt.apply or load)")
+    return record.setdefault("state", {})
 
 
 def _adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -234,6 +270,46 @@ def load(base: nn.Module, path: str | os.PathLike) -> nn.Module:
         p.requires_grad_(key in trainable)
     base.slimtune_adapter = {"config": config.model_dump(), "layers": list(manifest["layers"])}
     return base
+
+
+def _check_rank(parts: dict[str, nn.Module | None], b: int, where: str) -> None:
+    """``ValueError`` unless every low-rank part can be truncated to its first ``b`` components."""
+    fixed = [n for n, p in parts.items() if p is None or not hasattr(p, "use_rank")]
+    if fixed:
+        kinds = sorted({type(parts[n]).__name__ for n in fixed})
+        raise ValueError(f"{where}: layers {fixed[:3]} have no low-rank part that can be "
+                         f"truncated to a rank ({', '.join(kinds)}); an adapter rank needs "
+                         "LoRA-like factors (DyLoRA, LoRA, ...)")
+    smallest = min(p.rank for p in parts.values())
+    if not 1 <= b <= smallest:
+        raise ValueError(f"{where}: adapter rank {b} is not in [1, {smallest}] (the smallest "
+                         "rank of the adapter's layers)")
+
+
+def check_rank(path: str | os.PathLike, b: int) -> None:
+    """:func:`use_rank`'s checks on the adapter saved at ``path``, before any model loads."""
+    manifest = read_manifest(path)
+    parts = {name: None if d.get("lowrank") is None else
+             empty_lowrank(d["lowrank"], d["in_features"], d["out_features"], {"device": "meta"})
+             for name, d in manifest["layers"].items()}
+    _check_rank(parts, b, str(path))
+
+
+def use_rank(model: nn.Module, b: int | None) -> nn.Module:
+    """Use only the first ``b`` components of every adapted layer's low-rank part in forward and
+    merge (DyLoRA's part then scales by alpha/b; a plain ``LowRank`` keeps its scale); None uses
+    all again. A runtime choice: not saved. Returns the model."""
+    layers = factored_layers(model)
+    if not layers:
+        raise ValueError("this model has no adapted layers")
+    if any(layer.merged for layer in layers.values()):
+        raise ValueError("the adapter is merged; unmerge it before choosing its rank")
+    parts = {name: layer.lowrank for name, layer in layers.items()}
+    if b is not None:
+        _check_rank(parts, b, "use_rank")
+    for part in parts.values():
+        part.use_rank(b)
+    return model
 
 
 @torch.no_grad()

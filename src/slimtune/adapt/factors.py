@@ -91,3 +91,15 @@ def adapted_linear(linear: nn.Linear, A: Tensor, B: Tensor, scale: float, *,
     bias = None if linear.bias is None else linear.bias.data
     return FactoredLinear(linear.in_features, linear.out_features, base=base, lowrank=lowrank,
                           bias=bias, transform=transform, origin=origin)
+
+
+@torch.no_grad()
+def reset_optimizer_entries(optimizer, param: nn.Parameter, slots: Tensor) -> None:
+    """Zero, at ``slots``, every state tensor shaped like ``param`` (Adam's moments, SGD's
+    momentum) that ``optimizer`` keeps for it -- or the base optimiser a wrapper (SAM) steps:
+    re-selected entries of a sparse part start afresh. ``optimizer`` None: nothing to reset."""
+    while optimizer is not None:
+        for value in optimizer.state.get(param, {}).values():
+            if torch.is_tensor(value) and value.shape == param.shape:
+                value[slots] = 0
+        optimizer = getattr(optimizer, "base", None)

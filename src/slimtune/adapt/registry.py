@@ -12,10 +12,27 @@ A method is one module in ``slimtune/adapt/`` that defines a pydantic config (su
   work done before any layer is replaced (EVA's incremental SVD, CorDA's streamed covariances).
   ``calib`` is a LongTensor ``[n, seqlen]`` of token windows; ``progress`` shows or hides its
   progress bars. A method with ``prepare`` needs ``calib``.
-- ``loss(model, config) -> Tensor`` (optional): a term added to the training loss (SORSA's
-  orthonormal regulariser).
-- ``after_step(model, config, step) -> None`` (optional): called by the training loop after every
-  optimiser step (rank redistribution and similar schedules).
+- ``plan(model, names, config) -> {name: object}`` (optional): data-free work over all targets
+  before any layer is replaced (VeRA's shared projection shape, a rank budget); its entry is
+  ``init_layer``'s ``prepared`` (a method has ``prepare`` or ``plan``, not both).
+- ``loss(model, config) -> Tensor | None`` (optional): a term added to the training loss (SORSA's
+  orthonormal regulariser); the loop calls it after each micro-batch's forward, so it may read
+  that forward's outputs through forward hooks the method registered (BA-LoRA).
+- ``before_step(model, config, step) -> None`` (optional): called by the training loop before
+  the step's first forward (DyLoRA draws the step's rank); ``step`` is the number of steps done
+  before this one, so a draw seeded by it resumes exactly.
+- ``after_backward(model, config, step) -> None`` (optional): called by the training loop once
+  the step's gradients exist, before clipping and the optimiser step (importance scores that
+  read gradients, gradient rescaling); ``step`` is the number of steps done before this one.
+- ``after_step(model, config, step, optimizer) -> None`` (optional): called by the training loop
+  after every optimiser step (rank redistribution and similar schedules); ``optimizer`` is the
+  loop's (None outside it), so a method that re-selects entries can reset their state.
+- ``finish(model, config) -> None`` (optional): called once when training ends, before the
+  adapter is written (drop pruned ranks so the saved adapter is smaller).
+
+State a schedule keeps between steps (importance averages, accumulated gradients) lives in
+``slimtune.adapt.method_state(model)``, a dict of tensors the training loop saves with every
+checkpoint and restores on resume; it is never written into the adapter.
 - ``check_layer(config, name, linear) -> None`` (optional): raise ``ValueError`` for a target the
   method's settings do not fit (a density that keeps no entry); :func:`slimtune.adapt.apply` runs
   it on every target before the model changes.
@@ -36,7 +53,8 @@ from slimtune.registry import Entry, Registry
 from slimtune.targets import check_target_spec
 
 METHODS = Registry("adapter method", required=("init_layer",),
-                   optional=("prepare", "loss", "after_step", "check_layer"))
+                   optional=("prepare", "plan", "loss", "before_step", "after_backward",
+                             "after_step", "finish", "check_layer"))
 
 
 class AdapterConfig(BaseModel):
@@ -64,6 +82,10 @@ class AdapterConfig(BaseModel):
     def exact_start(self) -> bool:
         """Whether the adapted model's output at step 0 equals the base model's."""
         return True
+
+    def rank_limit(self, n_out: int, n_in: int) -> int:
+        """The largest ``r`` a ``n_out x n_in`` layer takes (``apply`` refuses more)."""
+        return min(n_out, n_in)
 
 
 def known_methods() -> list[str]:

@@ -102,7 +102,7 @@ def resample(name: str, layer: FactoredLinear, config: SSTConfig, step: int) -> 
     lr.grad_scale.copy_(pair_scale(S, pairs, config.enhanced_gradient))
 
 
-def after_step(model: nn.Module, config: SSTConfig, step: int) -> None:
+def after_step(model: nn.Module, config: SSTConfig, step: int, optimizer=None) -> None:
     """After optimiser step ``step`` (1 after the first): re-SVD and re-sample every
     ``update_every`` steps."""
     if step <= 0 or step % config.update_every:

@@ -26,7 +26,8 @@ Each ``FactoredLinear`` is exported from its structure, not from the method's na
 Not exportable (``ValueError`` naming the layer and the reason, raised before anything is
 written): a sparse part (SFT, SaRA, DSEE, SLTrain: PEFT's LoRA has no sparse delta), a mask or a
 non-dense base (pruned or quantised bases: PEFT applies the adapter to the original dense weight),
-low-rank parts that are not a plain ``LowRank`` (generated factors such as NOLA or VeRA), other
+low-rank parts that have no LoRA form (a plain ``LowRank`` has one, and so has every part that
+gives ``lora_factors()``: VeRA, NOLA and MiSS export as the exact LoRA of their update), other
 transforms, merged layers (unmerge first), and layers without a base (compressed to pure
 low-rank). Any method that only produces the structures above exports exactly.
 """
@@ -66,10 +67,14 @@ class PeftLayer:
         return self.A.shape[0]
 
 
-def folded_factors(lowrank: LowRank, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(B, K·A)`` in ``dtype``: the core folded into A, so that ``s·B·(K·A)`` is the update."""
-    A, B = lowrank.A.detach().to(dtype), lowrank.B.detach().to(dtype)
-    K = lowrank.core
+def folded_factors(lowrank: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(B, K·A)`` in ``dtype``: the core folded into A, so that ``s·B·(K·A)`` is the update (a
+    part with regenerated factors gives its own ``lora_factors()``)."""
+    if not isinstance(lowrank, LowRank):
+        B, A = lowrank.lora_factors()
+        return B.detach().to(dtype), A.detach().to(dtype)
+    A, B = (t.detach().to(dtype) for t in lowrank.factors())  # the rank in use (DyLoRA)
+    K = lowrank.core_used()
     if K is not None:
         K = K.detach().to(dtype)
         A = K[:, None] * A if K.dim() == 1 else K @ A
@@ -90,9 +95,10 @@ def _unsupported(layer: FactoredLinear) -> str | None:
     if layer.sparse is not None:
         return "it has a sparse part (PEFT's LoRA has no sparse delta)"
     for what, part in (("low-rank part", layer.lowrank), ("origin", layer.origin)):
-        if part is not None and not isinstance(part, LowRank):
-            return (f"its {what} is a {type(part).__name__}, not a plain LowRank (generated "
-                    "factors have no PEFT LoRA equivalent)")
+        if part is not None and not isinstance(part, LowRank) and \
+                not hasattr(part, "lora_factors"):
+            return (f"its {what} is a {type(part).__name__}, which has no LoRA form "
+                    "(lora_factors)")
     if layer.transform is not None and not isinstance(layer.transform, WeightNormScale):
         return f"its transform {type(layer.transform).__name__} has no PEFT equivalent"
     if layer.lowrank is None and layer.origin is None:
@@ -210,6 +216,11 @@ def to_peft(model: nn.Module, out: str | os.PathLike, overwrite: bool = False) -
     if not layers:
         raise ValueError("the model has no adapted (FactoredLinear) layers to export")
     exported = {name: peft_layer(name, layer) for name, layer in layers.items()}
+    # a layer whose update has rank 0 (AdaLoRA pruned all its triplets) changes nothing, and
+    # PEFT's LoRA needs r >= 1: it is left out
+    exported = {name: e for name, e in exported.items() if e.rank > 0 or e.magnitude is not None}
+    if not exported:
+        raise ValueError("cannot export to PEFT: every adapted layer has rank 0 (no update)")
     record = getattr(model, "slimtune_adapter", None) or {}
     rslora = bool(record.get("config", {}).get("rslora", False))
     modules_to_save = _trainable_modules(model, layers)

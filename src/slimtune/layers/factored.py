@@ -14,7 +14,8 @@
 - g: an optional whole-weight transform, a module with ``output_scale(layer) -> [out]`` computed
   from the layer's combined weight (DoRA's magnitude over the row norm); ``merge`` folds it in.
 - origin: an optional frozen ``LowRank`` recording how an adapter initialisation changed the base
-  (``W_base = W_original - origin.delta_weight()``, PiSSA and friends). It takes no part in
+  (``W_base = W_original - origin.delta_weight()``, PiSSA and friends; a frozen ``SparseDelta``
+  when a method merged sparse updates into the base, as SaRA's re-selection). It takes no part in
   forward; saving an adapter and exporting it to PEFT read it.
 
 ``merge()`` folds the low-rank and sparse parts into the base, ``unmerge()`` takes them out again,
@@ -224,9 +225,7 @@ class FactoredLinear(nn.Module):
             "lowrank": None if lr is None else describe_lowrank(lr),
             "sparse_nnz": None if self.sparse is None else self.sparse.nnz,
             "transform": None if self.transform is None else self.transform.describe(),
-            "origin": None if self.origin is None else {"rank": self.origin.rank,
-                                                        "core": self.origin.core_kind,
-                                                        "scale": self.origin.scale},
+            "origin": None if self.origin is None else describe_lowrank(self.origin),
         }
 
     @classmethod

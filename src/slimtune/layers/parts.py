@@ -35,10 +35,18 @@ class LowRank(nn.Module):
         if grad_scale is not None and tuple(grad_scale.shape) != (r,):
             raise ValueError(f"grad_scale must have shape ({r},); got {tuple(grad_scale.shape)}")
         self.register_buffer("grad_scale", grad_scale)
+        self.active_rank: int | None = None  # runtime only: use the first components (DyLoRA)
 
     @property
     def rank(self) -> int:
         return self.A.shape[0]
+
+    def use_rank(self, b: int | None) -> None:
+        """Use only the first ``b`` components (rows of A, columns of B, entries of a core) in
+        forward, ``delta_weight`` and merge; ``None`` uses all. Not saved: a runtime choice."""
+        if b is not None and not 1 <= b <= self.rank:
+            raise ValueError(f"rank {b} is not in [1, {self.rank}]")
+        self.active_rank = None if b == self.rank else b
 
     @property
     def core_kind(self) -> str:
@@ -49,32 +57,48 @@ class LowRank(nn.Module):
         ``grad_scale`` the same values (``p + (p - p)·c`` is exactly ``p``) whose gradient is
         scaled per component."""
         A, B, c = self.A, self.B, self.grad_scale
+        b = self.active_rank
+        if b is not None:
+            A, B, c = A[:b], B[:, :b], None if c is None else c[:b]
         if c is None:
             return A, B
         A0, B0 = A.detach(), B.detach()
         return A0 + (A - A0) * c[:, None], B0 + (B - B0) * c
 
+    def core_used(self) -> Tensor | None:
+        """The core as forward uses it (its leading ``active_rank`` block)."""
+        K, b = self.core, self.active_rank
+        if K is None or b is None:
+            return K
+        return K[:b] if K.dim() == 1 else K[:b, :b]
+
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         """s·(x·Aᵀ·Kᵀ)·Bᵀ, added to ``residual`` in the same kernel (addmm) when given."""
         A, B = self.factors()
+        K = self.core_used()
         h = F.linear(x, A)
-        if self.core is not None:
-            h = h * self.core if self.core.dim() == 1 else F.linear(h, self.core)
+        if K is not None:
+            h = h * K if K.dim() == 1 else F.linear(h, K)
         if residual is None:
             return F.linear(h, B) * self.scale
-        out = torch.addmm(residual.reshape(-1, residual.shape[-1]), h.reshape(-1, h.shape[-1]),
+        rows = residual.shape[:-1].numel()  # explicit: rank 0 (all pruned) leaves h empty
+        out = torch.addmm(residual.reshape(rows, residual.shape[-1]), h.reshape(rows, h.shape[-1]),
                           B.mT, alpha=self.scale)
         return out.view(residual.shape)
 
     def delta_weight(self) -> Tensor:
         A, B = self.factors()
-        if self.core is not None:
-            B = B * self.core if self.core.dim() == 1 else B @ self.core
+        K = self.core_used()
+        if K is not None:
+            B = B * K if K.dim() == 1 else B @ K
         return (B @ A) * self.scale
 
 
 class SparseDelta(nn.Module):
-    """A sparse out × in update: fixed flat indices, trainable values."""
+    """A sparse out × in update: fixed flat indices, trainable values. Frozen, it can also be a
+    layer's ``origin`` (SaRA's merged updates); it then describes itself with its ``kind``."""
+
+    kind = "sparse"
 
     def __init__(self, shape: tuple[int, int], indices: Tensor, values: Tensor, trainable=True):
         super().__init__()
@@ -88,6 +112,9 @@ class SparseDelta(nn.Module):
     def nnz(self) -> int:
         return self.indices.numel()
 
+    def describe(self) -> dict:
+        return {"kind": self.kind, "nnz": self.nnz}
+
     def delta_weight(self) -> Tensor:
         flat = self.values.new_zeros(self.shape[0] * self.shape[1])
         return flat.index_add(0, self.indices, self.values).view(self.shape)
@@ -97,13 +124,30 @@ class SparseDelta(nn.Module):
         return out if residual is None else residual + out
 
 
+# kind -> builder(description, n_in, n_out, {"dtype", "device"}) of an empty low-rank part of
+# another class than LowRank (generated factors: layers/generated.py registers its own) or of a
+# frozen sparse delta recorded where low-rank parts are (an origin)
+LOWRANK_KINDS: dict = {
+    SparseDelta.kind: lambda d, n_in, n_out, kw: SparseDelta(
+        (n_out, n_in), torch.zeros(d["nnz"], dtype=torch.long, device=kw.get("device")),
+        torch.empty(d["nnz"], **kw), trainable=False)}
+
+
 def describe_lowrank(lowrank: nn.Module) -> dict:
-    """The structure of a low-rank part, as ``FactoredLinear.describe`` records it."""
+    """The structure of a low-rank part, as ``FactoredLinear.describe`` records it (a part of
+    another class describes itself, with its ``kind``)."""
+    if not isinstance(lowrank, LowRank):
+        return lowrank.describe()
     d = {"rank": lowrank.rank, "core": lowrank.core_kind, "scale": lowrank.scale}
     return d if getattr(lowrank, "grad_scale", None) is None else {**d, "grad_scale": True}
 
 
-def empty_lowrank(d: dict, n_in: int, n_out: int, kw: dict) -> LowRank:
+def empty_lowrank(d: dict, n_in: int, n_out: int, kw: dict) -> nn.Module:
+    if "kind" in d:
+        if d["kind"] not in LOWRANK_KINDS:
+            raise ValueError(f"unknown low-rank part kind {d['kind']!r}; known: "
+                             f"{sorted(LOWRANK_KINDS)}")
+        return LOWRANK_KINDS[d["kind"]](d, n_in, n_out, kw)
     r, core = d["rank"], d["core"]
     K = {"none": None, "diag": torch.empty(r, **kw), "full": torch.empty(r, r, **kw)}[core]
     c = torch.ones(r, **kw) if d.get("grad_scale") else None

@@ -2,19 +2,26 @@
 
 :func:`train` does, for ``config.steps`` optimiser steps:
 
-1. ``grad_accum`` micro-batches of ``batch`` examples from the task's seeded order; each
+1. The adapter method's ``before_step`` hook runs (DyLoRA draws the step's rank), then
+   ``grad_accum`` micro-batches of ``batch`` examples from the task's seeded order; each
    backpropagates ``loss_i / grad_accum``, so the gradient is that of the mean loss over the
    ``batch * grad_accum`` examples (:func:`accumulate_gradients`).
 2. The adapter method's own loss term, if it has one (``slimtune.adapt.extra_loss``, e.g. SORSA's
-   orthonormal regulariser), is added once per step; the training hooks' ``after_backward``
-   runs (:mod:`.hooks`: TRP's nuclear-norm sub-gradient).
+   orthonormal regulariser), is computed after each micro-batch's forward (so it may read that
+   forward's outputs, as BA-LoRA's output regularisers do) and backpropagated with that
+   micro-batch's loss, averaged like it; the method's ``after_backward`` hook
+   (importance scores that read the gradients) and the training hooks' ``after_backward``
+   run (:mod:`.hooks`: TRP's nuclear-norm sub-gradient).
 3. The global gradient norm is clipped to ``max_grad_norm``; the optimiser (``config.optimizer``,
    AdamW by default, :mod:`.optimizers`; over the trainable parameters only) steps at the
    warmup-cosine learning rate (:mod:`.schedule`) (:func:`optimizer_step`).
 4. The method's ``after_step`` hook runs with the number of optimiser steps done so far (1 after
    the first step), then the training hooks' ``after_step``.
 5. Every ``eval_every`` steps and after the last one the task evaluates on held-out data
-   (perplexity or accuracy); every ``save_every`` steps a checkpoint is written (:mod:`.state`).
+   (perplexity or accuracy); every ``save_every`` steps a checkpoint is written (:mod:`.state`),
+   with the method's training state (``slimtune.adapt.method_state``).
+6. When the last step is done the method's ``finish`` hook runs (pruned ranks dropped), then
+   the result is written.
 
 Under ``torchrun`` every process runs this loop on its shard of each batch and DDP averages the
 gradients (:mod:`.distributed`); rank 0 evaluates and writes. The loop never looks at the
@@ -49,16 +56,18 @@ from slimtune.train.optimizers import build as build_optimizer
 from slimtune.train.schedule import warmup_cosine
 
 
-def accumulate_gradients(model: nn.Module, task, micro_batches: list) -> float:
+def accumulate_gradients(model: nn.Module, task, micro_batches: list, extra=None) -> float:
     """Backpropagate the mean of the micro-batches' losses; return that mean (a float). Under
     DDP (``model`` has ``no_sync``) the gradients are averaged over the processes once, in the
-    last micro-batch's backward."""
+    last micro-batch's backward. ``extra()`` (optional) is called after each micro-batch's
+    forward; the term it returns (or None) is backpropagated with that micro-batch's loss."""
     total = 0.0
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync():
             loss = task.loss(model, batch)
-            (loss / len(micro_batches)).backward()
+            term = None if extra is None else extra()
+            ((loss if term is None else loss + term) / len(micro_batches)).backward()
         total += loss.item()
     return total / len(micro_batches)
 
@@ -66,14 +75,19 @@ def accumulate_gradients(model: nn.Module, task, micro_batches: list) -> float:
 def step_gradients(model: nn.Module, task, batches: list, with_adapter: bool,
                    runner: nn.Module | None = None) -> tuple[float, float | None]:
     """The step's gradients: the micro-batches' mean loss (through ``runner``, the DDP wrapper
-    of ``model`` if any) and the adapter's extra loss (if its method has one), backpropagated;
-    ``(loss, extra loss or None)``."""
-    loss = accumulate_gradients(model if runner is None else runner, task, batches)
-    extra = adapt.extra_loss(model) if with_adapter else None
-    if extra is not None:
-        extra.backward()
-        return loss, extra.item()
-    return loss, None
+    of ``model`` if any) plus the adapter's extra loss (if its method has one), computed after
+    each micro-batch's forward and averaged alike; ``(loss, mean extra loss or None)``."""
+    extras = []
+
+    def extra():
+        term = adapt.extra_loss(model)
+        if term is not None:
+            extras.append(float(term.detach()))
+        return term
+
+    loss = accumulate_gradients(model if runner is None else runner, task, batches,
+                                extra if with_adapter else None)
+    return loss, (sum(extras) / len(extras) if extras else None)
 
 
 def optimizer_step(params: list[nn.Parameter], optimizer: torch.optim.Optimizer, scheduler,
@@ -213,6 +227,8 @@ def train(model: nn.Module, task, config: TrainConfig, out: str | os.PathLike,
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         task.load_state_dict(saved["data"])
+        if with_adapter:
+            adapt.method_state(model).update(saved.get("method_state") or {})
         files.set_rng_state(saved["rng"])
         history, start = saved["history"], saved["step"]
         history["resumed_at"].append(start)
@@ -221,6 +237,8 @@ def train(model: nn.Module, task, config: TrainConfig, out: str | os.PathLike,
     else:
         torch.manual_seed(config.seed)
         history, start = _new_history(model, config, adapter, params, meta), 0
+    if with_adapter:  # schedules that end with the run (AdaLoRA's budget) read it
+        adapt.method_state(model)["total_steps"] = config.steps
     runner = distributed.wrap(model)
 
     model.train()
@@ -230,12 +248,16 @@ def train(model: nn.Module, task, config: TrainConfig, out: str | os.PathLike,
         for step in range(start, config.steps):
             began = time.perf_counter()
             lr = scheduler.get_last_lr()[0]
+            if with_adapter:
+                adapt.before_step(model, step)
             batches = [distributed.shard(task.next_batch(config.batch * world), rank, world,
                                          config.batch) for _ in range(config.grad_accum)]
             loss, extra = step_gradients(model, task, batches, with_adapter, runner)
             loss = distributed.mean_over_processes(loss)
             if not math.isfinite(loss):
                 raise FloatingPointError(f"step {step + 1}: the loss is {loss} (try a lower lr)")
+            if with_adapter:
+                adapt.after_backward(model, step)
             run_hooks(hooks, "after_backward", model, step)
             record = {"step": step + 1, "loss": loss, "lr": lr}
             if extra is not None:
@@ -244,7 +266,7 @@ def train(model: nn.Module, task, config: TrainConfig, out: str | os.PathLike,
                 params, optimizer, scheduler, config.max_grad_norm,
                 lambda: step_gradients(model, task, batches, with_adapter, runner)[0])
             if with_adapter:
-                adapt.after_step(model, step + 1)
+                adapt.after_step(model, step + 1, optimizer)
             run_hooks(hooks, "after_step", model, step + 1, optimizer)
             record["seconds"] = time.perf_counter() - began
             record["peak_rss_mb"] = peak_rss_mb()
@@ -261,7 +283,8 @@ def train(model: nn.Module, task, config: TrainConfig, out: str | os.PathLike,
                 files.write_checkpoint(out, done, model, {
                     "step": done, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "data": task.state_dict(),
-                    "rng": files.rng_state(), "history": history},
+                    "rng": files.rng_state(), "history": history,
+                    "method_state": adapt.method_state(model) if with_adapter else None},
                     run={"config": config.model_dump(mode="json"), "adapter": history["adapter"],
                          "meta": meta})
 
@@ -269,6 +292,8 @@ def train(model: nn.Module, task, config: TrainConfig, out: str | os.PathLike,
     history.update(finished=True, final_eval=history["steps"][-1].get("eval"),
                    seconds_per_step=statistics.median(seconds), peak_rss_mb=peak_rss_mb(),
                    optimizer_state_mb=state_megabytes(optimizer.state_dict()))
+    if with_adapter:
+        adapt.finish(model)
     run_hooks(hooks, "finish", model)
     if merge_adapter and with_adapter:
         adapt.merge(model)

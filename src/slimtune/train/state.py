@@ -6,7 +6,8 @@ While training, the output directory ``OUT`` holds ``checkpoints/step-NNNNNNNN/`
   in full, never the base model) or, for full fine-tuning, ``weights.safetensors`` (every
   parameter);
 - ``state.pt``: step, optimizer and scheduler state, RNG states (torch CPU/CUDA, Python
-  ``random``), the task's data position, the history so far;
+  ``random``), the task's data position, the history so far, the adapter method's training
+  state (``slimtune.adapt.method_state``: importance averages and the like);
 - ``run.json``: the step and the run's settings (training config, adapter config), small, so a
   resume can be checked before anything is loaded.
 
