@@ -87,6 +87,26 @@ LR = {
     "corda-kpm": 2e-4,
     # EVA: ml-jku/EVA bash/run_train.sh: 5e-4 (one rate for EVA and all its baselines).
     "eva": 5e-4,
+    # Issue #16's methods. Where no rate was read from the paper or reference code here, methods
+    # that train whole factors take the common 2e-4; methods that train only vectors, cores or
+    # coefficients (a few numbers per layer) take 4e-3, twenty times that: their updates move
+    # the output far less per unit of lr (not tuned: add rows with --lr).
+    "vera": 4e-3,      # not verified here; vectors only
+    "nola": 4e-3,      # not verified here; coefficients only
+    "lora_xs": 4e-3,   # not verified here; an r x r core only
+    "lora_sb": 4e-3,   # not verified here; an r x r core only
+    "loldu": 4e-3,     # not verified here; a diagonal only
+    "miss": 2e-4,      # not verified here; a whole r x out shard trains
+    "adalora": 2e-4,   # not verified here
+    "dylora": 2e-4,    # not verified here
+    "sora": 8e-4,      # TsinghuaC3I/SoRA GLUE script (as read for adapt/sora.py)
+    "increlora": 2e-4,  # not verified here
+    "sft": 2e-4,       # not verified here
+    "sara": 5e-4,      # the reference's default 1e-3·exp(-350·threshold) at its threshold
+    "dsee": 5e-4,      # the reference's RTE script
+    "allora": 2e-4,    # not verified here
+    "ggpo": 2e-4,      # not verified here
+    "ba_lora": 2e-4,   # not verified here
     # Full fine-tuning: 2e-5, the usual rate for full fine-tuning of LMs and BERT-family encoders
     # (and PiSSA's full-FT baseline).
     "full": 2e-5,

@@ -23,17 +23,11 @@ import slimtune.adapt as adapt
 from slimtune.adapt.sst import sample_pairs
 from slimtune.layers import FactoredLinear
 from slimtune.targets import factored_layers
+from real_layers import layer0_copies as layers
 from test_adapt_svd_methods import block0, rel, x  # noqa: F401  (fixtures: layer 0, its input)
 
 R = 8
 NAMES = ["q_proj", "v_proj", "gate_proj"]
-
-
-def layers(block0) -> nn.ModuleDict:
-    """Fresh copies of q_proj, v_proj and gate_proj, to ``apply`` a method to."""
-    return nn.ModuleDict({"q_proj": copy.deepcopy(block0.self_attn.q_proj),
-                          "v_proj": copy.deepcopy(block0.self_attn.v_proj),
-                          "gate_proj": copy.deepcopy(block0.mlp.gate_proj)})
 
 
 def apply(model, method, **params):

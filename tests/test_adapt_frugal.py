@@ -15,20 +15,14 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 import slimtune.adapt as adapt
 from slimtune.layers.fixed_factors import tiling
 from slimtune.targets import factored_layers
+from real_layers import layer0_copies as layers
 from test_adapt_svd_methods import block0, rel, x  # noqa: F401  (fixtures: layer 0, its input)
 
 NAMES = ["q_proj", "v_proj", "gate_proj"]
-
-
-def layers(block0) -> nn.ModuleDict:
-    return nn.ModuleDict({"q_proj": copy.deepcopy(block0.self_attn.q_proj),
-                          "v_proj": copy.deepcopy(block0.self_attn.v_proj),
-                          "gate_proj": copy.deepcopy(block0.mlp.gate_proj)})
 
 
 @torch.no_grad()

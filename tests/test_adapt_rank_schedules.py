@@ -22,7 +22,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch import nn
 from typer.testing import CliRunner
 
 import slimtune.adapt as adapt
@@ -34,18 +33,13 @@ from slimtune.cli import app
 from slimtune.evaluate import perplexity, tokenize_text
 from slimtune.targets import factored_layers
 from slimtune.train import CausalLMTask, make_train_config, train
+from real_layers import first_blocks, layer0_copies as layers
 from test_adapt_svd_methods import block0, rel, x  # noqa: F401  (fixtures: layer 0, its input)
 from test_train import CrashAt
 
 R = 8
 NAMES = ["q_proj", "v_proj", "gate_proj"]
 runner = CliRunner()
-
-
-def layers(block0) -> nn.ModuleDict:
-    return nn.ModuleDict({"q_proj": copy.deepcopy(block0.self_attn.q_proj),
-                          "v_proj": copy.deepcopy(block0.self_attn.v_proj),
-                          "gate_proj": copy.deepcopy(block0.mlp.gate_proj)})
 
 
 def apply(model, method, **params):
@@ -55,15 +49,7 @@ def apply(model, method, **params):
 @pytest.fixture(scope="module")
 def short(smollm2):
     """SmolLM2 with only its first two decoder blocks (a separate copy; deep-copy to train)."""
-    model = smollm2[0]
-    blocks = model.model.layers
-    model.model.layers = blocks[:2]
-    try:
-        cut = copy.deepcopy(model)
-    finally:
-        model.model.layers = blocks
-    cut.config.num_hidden_layers = 2
-    return cut
+    return first_blocks(smollm2[0], 2)
 
 
 @pytest.fixture(scope="module")

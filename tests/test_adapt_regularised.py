@@ -20,7 +20,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch import nn
 
 import slimtune.adapt as adapt
 from slimtune.adapt.api import before_step
@@ -30,17 +29,12 @@ from slimtune.adapt.loldu import ldu
 from slimtune.adapt.registry import make_config
 from slimtune.targets import factored_layers
 from slimtune.train import make_train_config, train
+from real_layers import first_blocks, layer0_copies as layers
 from test_adapt_svd_methods import block0, rel, x  # noqa: F401  (fixtures: layer 0, its input)
 from test_train import CrashAt, lm_task  # noqa: F401  (lm_task: a fixture)
 
 R = 8
 NAMES = ["q_proj", "v_proj", "gate_proj"]
-
-
-def layers(block0) -> nn.ModuleDict:
-    return nn.ModuleDict({"q_proj": copy.deepcopy(block0.self_attn.q_proj),
-                          "v_proj": copy.deepcopy(block0.self_attn.v_proj),
-                          "gate_proj": copy.deepcopy(block0.mlp.gate_proj)})
 
 
 def apply(model, method, **params):
@@ -284,15 +278,7 @@ def test_ba_lora_regularisers_equal_their_formulas():
 
 @pytest.fixture(scope="module")
 def three_blocks(smollm2):
-    model = smollm2[0]
-    blocks = model.model.layers
-    model.model.layers = blocks[:3]
-    try:
-        short = copy.deepcopy(model)
-    finally:
-        model.model.layers = blocks
-    short.config.num_hidden_layers = 3
-    return short
+    return first_blocks(smollm2[0], 3)
 
 
 def test_ba_lora_pretrained_pass_and_loss_term(three_blocks, ptb_test_ids):

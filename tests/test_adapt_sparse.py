@@ -21,7 +21,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
-from torch import nn
 
 import slimtune.adapt as adapt
 from slimtune.adapt.api import method_state
@@ -31,17 +30,12 @@ from slimtune.layers import DenseBase, FactoredLinear, SparseDelta
 from slimtune.targets import factored_layers
 from slimtune.train import train
 from slimtune.weights.svd import randomized_svd
+from real_layers import first_blocks, layer0_copies as layers
 from test_adapt_svd_methods import block0, rel, x  # noqa: F401  (fixtures: layer 0, its input)
 from test_train import CrashAt, lm_task, small_config  # noqa: F401  (lm_task: a fixture)
 
 R = 8
 NAMES = ["q_proj", "v_proj", "gate_proj"]
-
-
-def layers(block0) -> nn.ModuleDict:
-    return nn.ModuleDict({"q_proj": copy.deepcopy(block0.self_attn.q_proj),
-                          "v_proj": copy.deepcopy(block0.self_attn.v_proj),
-                          "gate_proj": copy.deepcopy(block0.mlp.gate_proj)})
 
 
 def apply(model, method, **params):
@@ -373,15 +367,7 @@ def test_dsee_pruned_base_masks_the_smallest_weights_and_reloads(block0, x, tmp_
 @pytest.fixture(scope="module")
 def short(smollm2):
     """SmolLM2 with only its first 2 decoder blocks (a separate copy): a fast training loop."""
-    model = smollm2[0]
-    blocks = model.model.layers
-    model.model.layers = blocks[:2]
-    try:
-        short = copy.deepcopy(model)
-    finally:
-        model.model.layers = blocks
-    short.config.num_hidden_layers = 2
-    return short
+    return first_blocks(smollm2[0], 2)
 
 
 @pytest.mark.parametrize("method,params", [

@@ -18,6 +18,7 @@ import torch
 
 peft = pytest.importorskip("peft")
 
+from real_layers import first_blocks  # noqa: E402
 from slimtune import adapt  # noqa: E402
 from slimtune.targets import factored_layers  # noqa: E402
 
@@ -99,15 +100,7 @@ def full(smollm2):
 @pytest.fixture(scope="module")
 def base(smollm2):
     """SmolLM2 with only its first ``BLOCKS`` decoder blocks (a separate copy)."""
-    model = smollm2[0]
-    layers = model.model.layers
-    model.model.layers = layers[:BLOCKS]
-    try:
-        short = copy.deepcopy(model)
-    finally:
-        model.model.layers = layers
-    short.config.num_hidden_layers = BLOCKS
-    return short
+    return first_blocks(smollm2[0], BLOCKS)
 
 
 @pytest.fixture(scope="module")

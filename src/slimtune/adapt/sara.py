@@ -50,7 +50,8 @@ from slimtune.layers import FactoredLinear, SparseDelta
 from slimtune.targets import factored_layers
 from slimtune.weights.precision import compute_dtype
 from slimtune.weights.rank_truncation import nuclear_subgradient, spectrum
-from slimtune.weights.sparse_support import assign_support, extreme_entries
+from slimtune.weights.sparse_support import (assign_support, check_support_size, extreme_entries,
+                                             support_size)
 
 STEPS = "sara/steps"
 
@@ -67,15 +68,8 @@ class SaRAConfig(AdapterConfig):
     reselect_at: float | None = Field(0.5, gt=0, lt=1)
 
 
-def support_size(fraction: float, n_out: int, n_in: int) -> int:
-    return int(fraction * n_out * n_in)
-
-
 def check_layer(config: SaRAConfig, name: str, linear: nn.Linear) -> None:
-    n_out, n_in = linear.weight.shape
-    if support_size(config.fraction, n_out, n_in) < 1:
-        raise ValueError(f"sara: fraction={config.fraction:g} keeps no entry of {name} "
-                         f"({n_out}x{n_in}); raise fraction")
+    check_support_size("sara", "fraction", config.fraction, name, tuple(linear.weight.shape))
 
 
 @torch.no_grad()

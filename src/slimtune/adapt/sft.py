@@ -48,7 +48,8 @@ from slimtune.adapt.factors import layer_generator, reset_optimizer_entries
 from slimtune.adapt.registry import METHODS, AdapterConfig
 from slimtune.layers import FactoredLinear, SparseDelta
 from slimtune.targets import factored_layers
-from slimtune.weights.sparse_support import drop_and_regrow, random_support
+from slimtune.weights.sparse_support import (check_support_size, drop_and_regrow, random_support,
+                                             support_size)
 
 PREFIX = "sft/gradient/"
 
@@ -76,15 +77,8 @@ class SFTConfig(AdapterConfig):
         return self
 
 
-def support_size(density: float, n_out: int, n_in: int) -> int:
-    return int(density * n_out * n_in)
-
-
 def check_layer(config: SFTConfig, name: str, linear: nn.Linear) -> None:
-    n_out, n_in = linear.weight.shape
-    if support_size(config.density, n_out, n_in) < 1:
-        raise ValueError(f"sft: density={config.density:g} keeps no entry of {name} "
-                         f"({n_out}x{n_in}); raise density")
+    check_support_size("sft", "density", config.density, name, tuple(linear.weight.shape))
 
 
 @torch.no_grad()

@@ -35,6 +35,7 @@ from slimtune.adapt.factors import kaiming_uniform_A, layer_generator
 from slimtune.adapt.registry import METHODS, AdapterConfig
 from slimtune.layers import DenseBase, FactoredLinear, LowRank, SparseDelta
 from slimtune.weights.precision import compute_dtype
+from slimtune.weights.sparse_support import check_support_size, random_support, support_size
 
 
 class SLTrainConfig(AdapterConfig):
@@ -50,21 +51,8 @@ class SLTrainConfig(AdapterConfig):
         return self.keep_base
 
 
-def support_size(density: float, n_out: int, n_in: int) -> int:
-    """``⌊density·out·in⌋`` entries, as the reference code counts them."""
-    return int(density * n_out * n_in)
-
-
 def check_layer(config: SLTrainConfig, name: str, linear: nn.Linear) -> None:
-    n_out, n_in = linear.weight.shape
-    if support_size(config.density, n_out, n_in) < 1:
-        raise ValueError(f"sltrain: density={config.density:g} keeps no entry of {name} "
-                         f"({n_out}x{n_in}); raise density")
-
-
-def random_support(n_out: int, n_in: int, nnz: int, generator: torch.Generator) -> torch.Tensor:
-    """``nnz`` distinct flat indices of an ``n_out x n_in`` matrix, uniform at random, sorted."""
-    return torch.randperm(n_out * n_in, generator=generator)[:nnz].sort().values
+    check_support_size("sltrain", "density", config.density, name, tuple(linear.weight.shape))
 
 
 @torch.no_grad()
@@ -76,7 +64,7 @@ def init_layer(name: str, linear: nn.Linear, config: SLTrainConfig, prepared=Non
     g = layer_generator(config.seed, name)
     A = kaiming_uniform_A(config.r, n_in, g, dtype, "cpu")
     B = torch.zeros(n_out, config.r, dtype=dtype)
-    indices = random_support(n_out, n_in, support_size(config.density, n_out, n_in), g)
+    indices = random_support(n_out * n_in, support_size(config.density, n_out, n_in), g)
     values = torch.zeros(indices.numel(), dtype=dtype)
     if not config.keep_base:
         bound = 1.0 / math.sqrt(n_in)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimtune.layers.parts import LOWRANK_KINDS
+from slimtune.layers.parts import LOWRANK_KINDS, project_out
 
 
 @functools.lru_cache(maxsize=64)
@@ -142,7 +142,7 @@ class RandomBasisLowRank(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         A, B = self.factors()
-        return _add(F.linear(F.linear(x, A), B) * self.scale, residual)
+        return project_out(F.linear(x, A), B, self.scale, residual)
 
     def delta_weight(self) -> Tensor:
         A, B = self.factors()

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimtune.layers.parts import LOWRANK_KINDS
+from slimtune.layers.parts import LOWRANK_KINDS, project_out
 
 
 class NestedLowRank(nn.Module):
@@ -80,12 +80,7 @@ class NestedLowRank(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         A, B = self.factors()
-        h = F.linear(x, A)
-        if residual is None:
-            return F.linear(h, B) * self.scale
-        out = torch.addmm(residual.reshape(-1, residual.shape[-1]), h.reshape(-1, h.shape[-1]),
-                          B.mT, alpha=self.scale)
-        return out.view(residual.shape)
+        return project_out(F.linear(x, A), B, self.scale, residual)
 
     def delta_weight(self) -> Tensor:
         A, B = self.factors()

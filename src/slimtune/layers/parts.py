@@ -10,6 +10,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def project_out(h: Tensor, B: Tensor, scale: float, residual: Tensor | None) -> Tensor:
+    """``s·h·Bᵀ``, added to ``residual`` in the same kernel (addmm) when given."""
+    if residual is None:
+        return F.linear(h, B) * scale
+    rows = residual.shape[:-1].numel()  # explicit: rank 0 (all pruned) leaves h empty
+    out = torch.addmm(residual.reshape(rows, residual.shape[-1]), h.reshape(rows, h.shape[-1]),
+                      B.mT, alpha=scale)
+    return out.view(residual.shape)
+
+
 class LowRank(nn.Module):
     """s·B·K·A with K absent, diagonal (a vector of r) or full (r × r).
 
@@ -79,12 +89,7 @@ class LowRank(nn.Module):
         h = F.linear(x, A)
         if K is not None:
             h = h * K if K.dim() == 1 else F.linear(h, K)
-        if residual is None:
-            return F.linear(h, B) * self.scale
-        rows = residual.shape[:-1].numel()  # explicit: rank 0 (all pruned) leaves h empty
-        out = torch.addmm(residual.reshape(rows, residual.shape[-1]), h.reshape(rows, h.shape[-1]),
-                          B.mT, alpha=self.scale)
-        return out.view(residual.shape)
+        return project_out(h, B, self.scale, residual)
 
     def delta_weight(self) -> Tensor:
         A, B = self.factors()
@@ -125,7 +130,7 @@ class SparseDelta(nn.Module):
 
 
 # kind -> builder(description, n_in, n_out, {"dtype", "device"}) of an empty low-rank part of
-# another class than LowRank (generated factors: layers/generated.py registers its own) or of a
+# another class than LowRank (layers/fixed_factors.py and nested_lowrank.py register theirs) or of a
 # frozen sparse delta recorded where low-rank parts are (an origin)
 LOWRANK_KINDS: dict = {
     SparseDelta.kind: lambda d, n_in, n_out, kw: SparseDelta(

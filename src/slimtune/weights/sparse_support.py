@@ -1,6 +1,8 @@
 """Supports of sparse weight updates: which entries of an ``out x in`` weight a sparse delta
 trains (flat row-major indices), and how a support of fixed size ``k`` changes during training.
 
+- :func:`support_size` / :func:`check_support_size` -- ``k = ⌊fraction·out·in⌋``, and the error
+  for a fraction that keeps no entry of a layer.
 - :func:`random_support` -- ``k`` distinct positions uniformly at random, sorted.
 - :func:`extreme_entries` -- exactly the ``k`` largest (or smallest) entries of a score tensor,
   ties broken by position (the lower flat index is taken first), sorted.
@@ -23,6 +25,19 @@ from torch import Tensor
 
 from slimtune.weights.precision import compute_dtype
 from slimtune.weights.svd import randomized_svd
+
+
+def support_size(fraction: float, n_out: int, n_in: int) -> int:
+    """``⌊fraction·out·in⌋`` entries (as SLTrain's and SpIEL's reference code count them)."""
+    return int(fraction * n_out * n_in)
+
+
+def check_support_size(method: str, key: str, fraction: float, name: str,
+                       shape: tuple[int, int]) -> None:
+    """``ValueError`` when ``fraction`` of an ``out x in`` layer ``name`` keeps no entry."""
+    if support_size(fraction, *shape) < 1:
+        raise ValueError(f"{method}: {key}={fraction:g} keeps no entry of {name} "
+                         f"({shape[0]}x{shape[1]}); raise {key}")
 
 
 def random_support(numel: int, k: int, generator: torch.Generator) -> Tensor:
