@@ -160,6 +160,37 @@ def test_lora_sb_sign_update_and_the_reference_start(smollm2, windows, ptb_test_
         assert rel(model(ids).logits, base(ids).logits) > 1e-4
 
 
+def test_lora_sb_layer_the_output_ignores_starts_from_its_weight(minilm):
+    """Under a mean-pooling head BERT's pooler gets no gradient: its factors are W's top-r
+    singular pairs with R₀ = 0 (exact start); the used layers get their first update."""
+    encoder, tok = minilm
+
+    class MeanPooled(torch.nn.Module):
+        def __init__(self, encoder):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids):
+            return self.encoder(input_ids).last_hidden_state.mean(1)
+
+    model = MeanPooled(copy.deepcopy(encoder)).eval()
+    ids = torch.tensor([tok("Sparse and low-rank updates of a pretrained encoder.")["input_ids"]])
+    with torch.no_grad():
+        expected = model(ids)
+    adapt.apply(model, "lora_sb", r=R, targets=["dense"], calib=ids, svd="exact",
+                progress=False)
+    layers = factored_layers(model)
+    pooler = layers["encoder.pooler.dense"]
+    assert float(pooler.lowrank.core.abs().max()) == 0
+    U, S, Vh = torch.linalg.svd(encoder.pooler.dense.weight.double(), full_matrices=False)
+    B = pooler.lowrank.B.double()  # W's top-r left singular subspace
+    assert rel(U[:, :R] @ (U[:, :R].T @ B), B) < 1e-4
+    assert float(layers["encoder.encoder.layer.0.attention.output.dense"].lowrank.core.abs()
+                 .max()) > 0
+    with torch.no_grad():
+        assert rel(model(ids), expected) < 1e-5
+
+
 # -- ALLoRA --------------------------------------------------------------------------------------
 def test_allora_gradients_after_its_hook_equal_the_formula(block0, x, wanted):
     eta = 10.0

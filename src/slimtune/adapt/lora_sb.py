@@ -23,7 +23,9 @@ simulated step); here the base is W - B·R₀·A so the output at step 0 is the 
 (no dropout) for the gradient. Its loss is the next-token cross-entropy of a causal LM on the
 windows; a model without a language-model head (an encoder, a classifier over one: the windows
 carry no labels) gets the label-free ``Σ mean(y²) / 2`` over its outputs (logits; or last hidden
-state and pooled output). ``update_lr`` defaults to 1e-2: with the exact start R₀'s scale only
+state and pooled output). A target the output does not depend on (BERT's pooler under a
+mean-pooling head) gets no gradient: its B and A are the top-r singular pairs of W and R₀ = 0,
+so it stays exact and trains like LoRA-XS. ``update_lr`` defaults to 1e-2: with the exact start R₀'s scale only
 decides what weight decay pulls R towards (set it to the first step's learning rate with
 ``start: update``).
 
@@ -114,9 +116,10 @@ def prepare(model: nn.Module, names: list[str], config: LoRASBConfig, calib: tor
         result = {}
         with torch.no_grad():
             for name, w in weights.items():
-                if w.grad is None:
-                    raise ValueError(f"lora_sb: target {name} received no gradient from the "
-                                     "calibration windows")
+                if w.grad is None:  # unused by the output: W's own top-r pairs, R₀ = 0
+                    U, S, Vh = update_svd(w.detach().to(compute_dtype(w)), config)
+                    result[name] = (U, torch.zeros_like(S), Vh)
+                    continue
                 update = first_update(w.grad.to(compute_dtype(w)), config)
                 w.grad = None
                 result[name] = update_svd(update, config)
