@@ -31,8 +31,11 @@ same batch for every row at a given step, so rows compare directly: convergence 
 the same for every method, as each starts as the base model), and the mean training loss over the
 first quarter of the steps and over all of them. The whole loss curve is stored.
 
+Rows of adapters also store each saved layer's rank (``ranks``: after AdaLoRA's and SoRA's
+pruning, IncreLoRA's growth) and any schedule parameters (``params``, from ``SCHEDULES``).
+
 Results are appended to a JSON-lines file (one line per row); rows already there with the same
-task, method, lr and settings are skipped, so an interrupted grid resumes where it stopped.
+task, method, lr, settings and params are skipped, so an interrupted grid resumes where it stopped.
 ``--lr METHOD=VALUE`` overrides a learning rate for this invocation (stored rows keep theirs; the
 table shows every stored row of the task and settings, e.g. a pissa row at 2e-5 and one at 2e-4).
 
@@ -100,6 +103,7 @@ LR = {
     "adalora": 2e-4,   # not verified here
     "dylora": 2e-4,    # not verified here
     "sora": 8e-4,      # TsinghuaC3I/SoRA GLUE script (as read for adapt/sora.py)
+    "sora-sched": 8e-4,
     "increlora": 2e-4,  # not verified here
     "sft": 2e-4,       # not verified here
     "sara": 5e-4,      # the reference's default 1e-3·exp(-350·threshold) at its threshold
@@ -118,12 +122,23 @@ LR = {
     "full-fira": 2e-5,
     "full-lion": 5e-6,
 }
+# Methods whose schedule is counted in steps get one scaled to the run (their defaults assume
+# thousands of steps, and a schedule that never fires is refused): IncreLoRA grows every tenth
+# of the run after the first tenth; AdaLoRA keeps its initial budget for the first tenth and
+# its final one for the last fifth (PEFT's examples use such phases; no paper value at 100 steps).
+SCHEDULES = {"increlora": lambda steps: {"warmup": max(1, steps // 10),
+                                         "interval": max(1, steps // 10)},
+             "adalora": lambda steps: {"tinit": steps // 10, "tfinal": steps // 5}}
 MODELS = {"austen": "smollm2-135m", "finefoods": "minilm-l6"}
 # Rows that are a registered method with other parameters: CorDA's knowledge-preserved adaptation
 # (kpm) collects its covariance from the knowledge to keep -- here PTB train (austen task only),
 # as the paper uses world-knowledge QA data -- and adapts the r least-used context directions;
 # PTB test then measures what it kept.
+# sora-sched: SoRA with its paper's sparsifying scheduler, λ rising linearly from 0.375 to 50
+# over the run, sized so that gates reach zero within 100 steps (Σ η_t·λ_t ≈ 0.6 at 8e-4 under
+# the cosine decay; gates start N(0, 1)); at the constant default λ they shrink by ~0.015.
 VARIANTS = {"corda-kpm": {"method": "corda", "params": {"mode": "kpm"}, "calib_data": "ptb"},
+            "sora-sched": {"method": "sora", "params": {"lambda_end": 50.0}},
             **{f"full-{name}": {"method": "full", "params": {}, "optimizer": name,
                                 "optimizer_params": keys}
                for name, keys in (("galore", {"rank": 128, "update_proj_gap": 200, "scale": 1.0}),
@@ -177,6 +192,9 @@ def run_one(job: dict) -> dict:
     from slimtune.train import build_task, train
 
     task_name, method, lr, s = job["task"], job["method"], job["lr"], job["settings"]
+    row = {"task": task_name, "method": method, "lr": lr, "settings": s}
+    if job.get("params"):
+        row["params"] = job["params"]
     model, tok = load_model(MODELS[task_name])
     if s["layers"]:
         first_blocks(model, s["layers"])
@@ -187,7 +205,6 @@ def run_one(job: dict) -> dict:
     task = build_task(config, tok)
     if task_name == "finefoods":
         limit_training_set(task, s["train_examples"], s["seed"])
-    row = {"task": task_name, "method": method, "lr": lr, "settings": s}
     start = time.perf_counter()
     if method == "none":
         model = task.prepare_model(model, seed=s["seed"])
@@ -195,13 +212,15 @@ def run_one(job: dict) -> dict:
     else:
         adapter = None if variant["method"] == "full" else make_config(
             variant["method"], **{"r": s["r"], "alpha": s["alpha"], "seed": s["seed"],
-                                  **variant["params"]})
+                                  **variant["params"], **job.get("params", {})})
         with tempfile.TemporaryDirectory() as tmp:
             model, history = train(model, task, config, Path(tmp) / "run", adapter=adapter,
                                    progress=False)
             if adapter is not None:  # what the adapter costs on disk (safetensors + json)
-                row["adapter_bytes"] = sum(f.stat().st_size for f in (Path(tmp) / "run").iterdir()
+                run = Path(tmp) / "run"
+                row["adapter_bytes"] = sum(f.stat().st_size for f in run.iterdir()
                                            if f.name.startswith("adapter."))
+                row["ranks"] = saved_ranks(run)
         row.update(trainable=history["trainable_parameters"],
                    step_s=history["seconds_per_step"], peak_rss_mb=history["peak_rss_mb"],
                    optimizer_state_mb=history.get("optimizer_state_mb"),
@@ -225,8 +244,18 @@ def run_one(job: dict) -> dict:
     return row
 
 
+def saved_ranks(run: Path) -> dict[str, int]:
+    """The rank of every saved layer's low-rank part (after pruning or growth), from the
+    adapter's manifest; layers with no low-rank part are left out."""
+    from slimtune.adapt import read_manifest
+
+    layers = read_manifest(run)["layers"]
+    return {name: d["lowrank"]["rank"] for name, d in layers.items() if d.get("lowrank")}
+
+
 def key(row: dict) -> tuple:
-    return (row["task"], row["method"], row["lr"], json.dumps(row["settings"], sort_keys=True))
+    return (row["task"], row["method"], row["lr"], json.dumps(row["settings"], sort_keys=True),
+            json.dumps(row.get("params") or {}, sort_keys=True))
 
 
 def loss_steps(steps: int) -> list[int]:
@@ -254,7 +283,9 @@ def print_table(rows: list[dict], task: str, steps: int) -> None:
         loss_cells += [fmt(sum(losses[:n]) / n if len(losses) >= n else None, ".4f")
                        for n in (early, steps)]
         kb = None if r.get("adapter_bytes") is None else r["adapter_bytes"] / 1024
-        print(f"| {r['method']} | {fmt(r['lr'], 'g')} | {r['trainable']:,} | {fmt(kb, ',.0f')} | "
+        params = ", ".join(f"{k}={v}" for k, v in (r.get("params") or {}).items())
+        name = f"{r['method']} ({params})" if params else r["method"]
+        print(f"| {name} | {fmt(r['lr'], 'g')} | {r['trainable']:,} | {fmt(kb, ',.0f')} | "
               f"{fmt(r['step_s'], '.2f')} | {r['peak_rss_mb']:.0f} | "
               f"{fmt(r.get('optimizer_state_mb'), '.0f')} | "
               + " | ".join(values + loss_cells) + " |")
@@ -310,12 +341,12 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown methods {unknown}; known: none, full, {', '.join(known_methods())}")
     missing = [m for m in methods if m != "none" and m not in lr]
-    if missing:
+    if missing and not args.table:
         ap.error(f"no learning rate for {missing}: add a documented entry to LR in {__file__} "
                  "(or pass --lr METHOD=VALUE)")
     s = settings(args)
-    jobs = [{"task": args.task, "method": m, "lr": None if m == "none" else lr[m], "settings": s}
-            for m in methods]
+    jobs = [{"task": args.task, "method": m, "lr": None if m == "none" else lr.get(m), "settings": s,
+             "params": SCHEDULES[m](s["steps"]) if m in SCHEDULES else {}} for m in methods]
     done = {key(row): row for row in read_rows(args.results)}
     print(f"# {os.path.basename(sys.executable)} {' '.join(sys.argv)}  (task {args.task}, "
           f"settings {json.dumps(s)}; load average {os.getloadavg()[0]:.2f})", flush=True)

@@ -84,6 +84,14 @@ def test_help_lists_the_options():
     ([*FULL, "--hook", "trp", "-H", "trp.method=x"], "--hook-param trp.method: name hooks with "
      "--hook"),
     ([*FULL, "--hook", "trp", "--hook", "trp"], "--hook trp is given twice"),
+    # schedules that do not fit the run's length (issue #16)
+    (["adapt", "-m", "smollm2-135m", "--method", "adalora", "--data", "austen", "--steps", "20",
+      "-p", "tinit=10", "-p", "tfinal=10"],
+     "tinit=10 + tfinal=10 must be below total_step=20"),
+    (["adapt", "-m", "smollm2-135m", "--method", "adalora", "--data", "austen", "--r", "4",
+      "-p", "target_r=8"], "target_r=8 exceeds r=4"),
+    (["adapt", "-m", "smollm2-135m", "--method", "increlora", "--data", "austen", "--steps",
+      "50"], "increlora: the rank never grows in 50 steps: the first growth is at step 200"),
     ([*LM, "--hook", "weight_compander"], "hook weight_compander: weight_compander "
      "reparameterises whole linear weights, which adapter method 'lora' freezes: use "
      "weight_compander with full training (--method full)"),

@@ -87,7 +87,8 @@ def test_factored_merge_equals_the_densified_merge(adapters, tmp_path, method, p
             # the two bases agree to float32 rounding, and a top-k trim is discontinuous at its
             # threshold: a few coordinates right at it may be kept by one path only
             assert (got - want).norm() <= 1e-2 * want.norm()
-            assert ((got - want).abs() > 2e-5).float().mean() < 2e-3
+            # (0.25% of the coordinates on an AVX512 AMD EPYC, under 0.2% on earlier CPUs)
+            assert ((got - want).abs() > 2e-5).float().mean() < 5e-3
         else:
             torch.testing.assert_close(got, want, rtol=0, atol=2e-5)
     untouched = "encoder.layer.0.attention.self.key.weight"

@@ -92,6 +92,11 @@ class AdaLoRAConfig(AdapterConfig):
         return self.r
 
 
+def check_run(config: AdaLoRAConfig, steps: int) -> None:
+    """The phases fit a run of ``steps`` steps (total_step where set, else the run's length)."""
+    check_phases(config, config.total_step or steps)
+
+
 def check_phases(config: AdaLoRAConfig, total: int) -> None:
     if config.tinit + config.tfinal >= total:
         raise ValueError(f"tinit={config.tinit} + tfinal={config.tfinal} must be below "
@@ -251,4 +256,5 @@ def drop_masked(model: nn.Module, config: AdaLoRAConfig) -> None:
 
 
 METHODS.register("adalora", AdaLoRAConfig, init_layer=init_layer, loss=orthogonal_regulariser,
-                 after_backward=update_importance, after_step=allocate, finish=drop_masked)
+                 after_backward=update_importance, after_step=allocate, finish=drop_masked,
+                 check_run=check_run)

@@ -175,6 +175,15 @@ def chosen_layers(scores: torch.Tensor, active: torch.Tensor, r: int, top_h: int
     return sorted(room, key=lambda i: (-float(scores[i]), i))[:top_h]
 
 
+def check_run(config: IncreLoRAConfig, steps: int) -> None:
+    """The rank grows at least once in a run of ``steps`` steps (else it is a rank-init_r LoRA)."""
+    first = (config.warmup // config.interval + 1) * config.interval
+    if config.init_r < config.target and first > steps:
+        raise ValueError(f"increlora: the rank never grows in {steps} steps: the first growth is "
+                         f"at step {first} (after warmup={config.warmup}, every interval="
+                         f"{config.interval} steps); lower warmup and interval")
+
+
 @torch.no_grad()
 def grow(model: nn.Module, config: IncreLoRAConfig, step: int, optimizer=None) -> None:
     """``after_step``: every ``interval`` steps after ``warmup``, add ``add_r`` components to
@@ -209,4 +218,5 @@ def drop_inactive(model: nn.Module, config: IncreLoRAConfig) -> None:
 
 
 METHODS.register("increlora", IncreLoRAConfig, init_layer=init_layer, loss=orthogonal_loss,
-                 after_backward=update_importance, after_step=grow, finish=drop_inactive)
+                 after_backward=update_importance, after_step=grow, finish=drop_inactive,
+                 check_run=check_run)

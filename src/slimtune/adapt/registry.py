@@ -36,6 +36,9 @@ checkpoint and restores on resume; it is never written into the adapter.
 - ``check_layer(config, name, linear) -> None`` (optional): raise ``ValueError`` for a target the
   method's settings do not fit (a density that keeps no entry); :func:`slimtune.adapt.apply` runs
   it on every target before the model changes.
+- ``check_run(config, steps) -> None`` (optional): raise ``ValueError`` for a schedule that does
+  not fit a training run of ``steps`` optimiser steps (AdaLoRA's phases, IncreLoRA's first
+  growth); the training loop's checks run it before any model loads.
 
 A config whose layers deliberately do not start at the base model's output (a pretraining
 parameterisation that replaces the weight, as SLTrain's default) overrides :attr:`exact_start`.
@@ -54,7 +57,7 @@ from slimtune.targets import check_target_spec
 
 METHODS = Registry("adapter method", required=("init_layer",),
                    optional=("prepare", "plan", "loss", "before_step", "after_backward",
-                             "after_step", "finish", "check_layer"))
+                             "after_step", "finish", "check_layer", "check_run"))
 
 
 class AdapterConfig(BaseModel):

@@ -25,7 +25,12 @@ def check_calibration(config: TrainConfig, adapter: AdapterConfig | None) -> Non
 
 def check_compatibility(config: TrainConfig, adapter: AdapterConfig | None) -> None:
     """The optimiser and every training hook can train with this adapter method (or in full):
-    a ``ValueError`` saying which cannot and why, before anything loads."""
+    a ``ValueError`` saying which cannot and why, before anything loads; and the adapter
+    method's schedule fits the run's ``steps``."""
+    if adapter is not None:
+        check_run = adapt.get_method(adapter.method).hook("check_run")
+        if check_run is not None:
+            check_run(adapter, config.steps)
     optimizer = OPTIMIZERS.make_config(config.optimizer, "optimizer", **config.optimizer_keys())
     checks = [(f"optimizer {config.optimizer}", OPTIMIZERS.get(config.optimizer), optimizer)]
     checks += [(f"hook {entry.name}", entry, hook) for entry, hook in make_hooks(config.hooks)]
