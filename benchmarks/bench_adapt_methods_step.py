@@ -56,6 +56,8 @@ def build(base, method: str, calib, args):
         needs = adapt.needs_calibration(method)
         adapt.apply(model, method, r=args.rank, alpha=args.alpha, calib=calib if needs else None,
                     progress=False)
+        # the run's length, as the training loop records it (AdaLoRA's budget schedule reads it)
+        adapt.method_state(model)["total_steps"] = args.warmup + args.steps
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     return model, torch.optim.AdamW(params, lr=LR), params

@@ -31,8 +31,20 @@ def rank_table(ranks: dict[str, int]) -> tuple[list[str], list[list[int]]]:
         if m:
             cells[int(m.group(1)), m.group(2).rsplit(".", 1)[-1]] = rank
     blocks = sorted({b for b, _ in cells})
-    projections = list(dict.fromkeys(p for _, p in sorted(cells)))
+    projections = list(dict.fromkeys(p for _, p in cells))  # the model's order
     return projections, [[cells.get((b, p), 0) for p in projections] for b in blocks]
+
+
+def pick(stored: list[dict], task: str, spec: str, grid: dict) -> dict | None:
+    """The newest row with saved ranks for ``METHOD`` (at its documented lr) or ``METHOD@LR``,
+    at the grid's settings."""
+    name, _, lr = spec.partition("@")
+    if name not in grid:
+        return None
+    want = float(lr) if lr else grid[name]["lr"]
+    same = [r for r in stored if r.get("task") == task and r["method"] == name and r.get("ranks")
+            and r["settings"] == grid[name]["settings"] and r["lr"] == want]
+    return same[-1] if same else None
 
 
 def summary(method: str, projections: list[str], table: list[list[int]]) -> str:
@@ -50,7 +62,8 @@ def summary(method: str, projections: list[str], table: list[list[int]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--methods", nargs="+", default=["adalora", "sora", "increlora"])
+    ap.add_argument("--methods", nargs="+", default=["adalora", "sora", "increlora"],
+                    help="METHOD (the row at its documented lr) or METHOD@LR")
     ap.add_argument("--task", default="austen")
     ap.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("results")
@@ -61,8 +74,10 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = {r["method"]: r for r in grid_rows(read_rows(args.results), args.task)}
-    missing = [m for m in args.methods if not rows.get(m, {}).get("ranks")]
+    stored = read_rows(args.results)
+    grid = {r["method"]: r for r in grid_rows(stored, args.task)}
+    rows = {spec: pick(stored, args.task, spec, grid) for spec in args.methods}
+    missing = [m for m in args.methods if not rows.get(m)]
     if missing:
         raise SystemExit(f"no {args.task} row with saved ranks for {missing}: run "
                          f"bench_adapt_quality.py --task {args.task} --methods {' '.join(missing)}")
