@@ -11,8 +11,11 @@ input, so the update costs a block sum and one r × out product. D starts at 0 (
 scaling (``alpha`` is unused). Bone's paper reports Llama-2-7B GSM8K 49.36, "outperforming PISSA
 by 5.84%"; MiSS reports better accuracy than LoRA at lower memory and time.
 
-Not implemented: PEFT's ``init_weights="bat"`` (Bone's weight-guided block-affine update
-``W_blocks·D + D``), which forms the whole weight every forward.
+Not implemented: PEFT's ``init_weights="bat"`` (Bone's earlier weight-guided update, per r × r
+block ``W_ji ← W_ji + W_ji·D_j + D_j``). Its update is a function of the base weight itself, not a
+part added beside it: every forward forms the whole dense weight (PEFT does), it cannot sit on a
+packed quantised base (PEFT refuses those too), and unmerging needs ``(I + D_j)⁻¹``. MiSS's paper
+makes the shard-sharing form above its method; ``bat`` stays PEFT's alternative.
 """
 from __future__ import annotations
 
