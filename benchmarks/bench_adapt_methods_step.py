@@ -5,8 +5,9 @@ step-time column depends on what else the machine was doing. This script measure
 of every method in ONE process, ALTERNATING model by model within every round (order rotated by
 one each round), so the ratios to LoRA measured here are comparable.
 
-A step is what :func:`slimtune.train.train` does per optimiser step with ``grad_accum=1``: forward
-+ causal-LM cross-entropy (+ the method's own loss term, e.g. SORSA's orthonormal regulariser) +
+A step is what :func:`slimtune.train.train` does per optimiser step with ``grad_accum=1``: the
+method's before-step hook (DyLoRA's rank, GGPO's perturbation, BA-LoRA's reference pass, SFT's
+gradient window; before session 21 this script skipped it) + forward + causal-LM cross-entropy (+ the method's own loss term, e.g. SORSA's orthonormal regulariser) +
 backward + the method's after-backward hook + global-norm clipping to 1.0 + AdamW step +
 ``zero_grad`` + the method's after-step hook, on the same --batch × --seqlen Austen-train windows every time. Adapters: r=16, alpha=32,
 all 7 projections of every block, the method's default parameters (the quality grid's settings);
@@ -68,6 +69,8 @@ def step(model, optimizer, params, ids, with_adapter: bool, number: int) -> tupl
     from slimtune import adapt
 
     start = time.perf_counter()
+    if with_adapter:  # DyLoRA's rank, GGPO's perturbation, BA-LoRA's reference pass, SFT's window
+        adapt.before_step(model, number - 1)
     logits = model(input_ids=ids, use_cache=False).logits
     loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     extra = adapt.extra_loss(model) if with_adapter else None
