@@ -92,6 +92,15 @@ def test_help_lists_the_options():
       "-p", "target_r=8"], "target_r=8 exceeds r=4"),
     (["adapt", "-m", "smollm2-135m", "--method", "increlora", "--data", "austen", "--steps",
       "50"], "increlora: the rank never grows in 50 steps: the first growth is at step 200"),
+    # layers the adapter does not fit, checked on the weightless model (issue #16)
+    (["adapt", "-m", "smollm2-135m", "--method", "miss", "--data", "austen", "-p", "mini_r=100"],
+     "miss: mini_r=100 does not divide the output size 576 of model.layers.0.self_attn.q_proj"),
+    ([*LM, "--r", "200"], "lora: r=200 exceeds min(out, in) = 192 of "
+     "model.layers.0.self_attn.k_proj"),
+    (["adapt", "-m", "minilm-l6", "--method", "lora", "--task", "finefoods", "--r", "400"],
+     "lora: r=400 exceeds min(out, in) = 384 of encoder."),
+    (["adapt", "-m", "smollm2-135m", "--method", "sft", "--data", "austen", "-p",
+      "density=1e-9"], "sft: density"),
     ([*LM, "--hook", "weight_compander"], "hook weight_compander: weight_compander "
      "reparameterises whole linear weights, which adapter method 'lora' freezes: use "
      "weight_compander with full training (--method full)"),

@@ -7,13 +7,14 @@ from slimtune.adapt import (adalora, allora, ba_lora, corda, dora, dsee,  # noqa
                             milora, miss, nola, olora, pissa, sara, sft, sltrain, sora, sorsa,
                             sst, svfit, vera)
 from slimtune.adapt.api import (adapter_config, after_backward, after_step, apply, before_step,
-                                check_rank, extra_loss, finish, load, merge, method_state,
-                                read_manifest, save, trainable_parameters, use_rank)
+                                check_layers, check_rank, extra_loss, finish, load, merge,
+                                method_state, read_manifest, save, trainable_parameters,
+                                use_rank)
 from slimtune.adapt.registry import (METHODS, AdapterConfig, get_method, known_methods,
                                      make_config, needs_calibration)
 from slimtune.export.peft import to_peft
 
 __all__ = ["METHODS", "AdapterConfig", "adapter_config", "after_backward", "after_step", "apply",
-           "before_step", "check_rank", "extra_loss", "finish", "get_method", "known_methods",
-           "load", "make_config", "merge", "method_state", "needs_calibration", "read_manifest",
-           "save", "to_peft", "trainable_parameters", "use_rank"]
+           "before_step", "check_layers", "check_rank", "extra_loss", "finish", "get_method",
+           "known_methods", "load", "make_config", "merge", "method_state", "needs_calibration",
+           "read_manifest", "save", "to_peft", "trainable_parameters", "use_rank"]

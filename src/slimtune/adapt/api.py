@@ -57,20 +57,7 @@ def apply(model: nn.Module, method: str, r: int = 16, alpha: float = 32.0,
     if getattr(model, "slimtune_adapter", None) is not None or factored_layers(model):
         raise ValueError("the model already has factored layers; apply one adapter to a plain "
                          "base model (merge the previous one first)")
-    names = match_targets(model, config.targets)
-    if not names:
-        raise ValueError(f"{method}: targets {config.targets!r} match no linear layer in "
-                         f"{type(model).__name__}")
-    check_layer = m.hook("check_layer")
-    for name in names:
-        linear = model.get_submodule(name)
-        limit = config.rank_limit(linear.out_features, linear.in_features)
-        if config.r > limit:
-            what = ("min(out, in)" if limit == min(linear.out_features, linear.in_features)
-                    else "the largest rank")
-            raise ValueError(f"{method}: r={config.r} exceeds {what} = {limit} of {name}")
-        if check_layer is not None:
-            check_layer(config, name, linear)
+    names = check_layers(model, config)
     prepare, plan, init_layer = m.hook("prepare"), m.hook("plan"), m.hook("init_layer")
     if prepare is not None and calib is None:
         raise ValueError(f"{method} is data-driven: pass calib=<LongTensor [n, seqlen] of token "
@@ -92,6 +79,28 @@ def apply(model: nn.Module, method: str, r: int = 16, alpha: float = 32.0,
             bar.advance(task)
     model.slimtune_adapter = {"config": config.model_dump(), "layers": names}
     return model
+
+
+def check_layers(model: nn.Module, config: AdapterConfig) -> list[str]:
+    """The names of the linears ``config`` targets in ``model``, after checking that each fits
+    (``r`` within the method's rank limit, the method's ``check_layer``); raises ``ValueError``.
+    Reads only shapes: ``model`` may be a weightless skeleton (the CLI checks before loading)."""
+    method = config.method
+    names = match_targets(model, config.targets)
+    if not names:
+        raise ValueError(f"{method}: targets {config.targets!r} match no linear layer in "
+                         f"{type(model).__name__}")
+    check_layer = get_method(method).hook("check_layer")
+    for name in names:
+        linear = model.get_submodule(name)
+        limit = config.rank_limit(linear.out_features, linear.in_features)
+        if config.r > limit:
+            what = ("min(out, in)" if limit == min(linear.out_features, linear.in_features)
+                    else "the largest rank")
+            raise ValueError(f"{method}: r={config.r} exceeds {what} = {limit} of {name}")
+        if check_layer is not None:
+            check_layer(config, name, linear)
+    return names
 
 
 def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:

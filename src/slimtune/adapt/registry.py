@@ -35,7 +35,8 @@ State a schedule keeps between steps (importance averages, accumulated gradients
 checkpoint and restores on resume; it is never written into the adapter.
 - ``check_layer(config, name, linear) -> None`` (optional): raise ``ValueError`` for a target the
   method's settings do not fit (a density that keeps no entry); :func:`slimtune.adapt.apply` runs
-  it on every target before the model changes.
+  it on every target before the model changes, the CLI on the weightless model before loading
+  (read only shapes).
 - ``check_run(config, steps) -> None`` (optional): raise ``ValueError`` for a schedule that does
   not fit a training run of ``steps`` optimiser steps (AdaLoRA's phases, IncreLoRA's first
   growth); the training loop's checks run it before any model loads.

@@ -123,6 +123,22 @@ def per_process_batch(batch: int, global_batch: int | None, grad_accum: int, fai
     return global_batch // (world * grad_accum)
 
 
+def _check_adapter_layers(model: str, config: TrainConfig, adapter, fail) -> None:
+    """``adapter``'s per-layer checks (ranks, block sizes, densities) on the weightless model,
+    wrapped as the task wraps it, before any weight loads."""
+    from slimtune.adapt import check_layers
+    from slimtune.models import model_skeleton
+    from slimtune.train.classifier import SequenceClassifier
+
+    skeleton = model_skeleton(model)
+    if config.is_classification:  # the head trains in full; its class count does not matter here
+        skeleton = SequenceClassifier(skeleton, 2)
+    try:
+        check_layers(skeleton, adapter)
+    except ValueError as err:
+        fail(str(err))
+
+
 def _check_data_installed(config: TrainConfig, fail) -> None:
     from slimtune.data import load_classification, load_text
 
@@ -267,6 +283,8 @@ def adapt_command(
         check_compatibility(config, adapter)  # the optimiser's and the hooks' conflicts
     except ValueError as err:
         fail(str(err))
+    if adapter is not None:
+        _check_adapter_layers(model, config, adapter, fail)
 
     from slimtune.io.atomic import NotOurDirectoryError
     from slimtune.models import weights_bytes
