@@ -7,11 +7,12 @@ one each round), so the ratios to LoRA measured here are comparable.
 
 A step is what :func:`slimtune.train.train` does per optimiser step with ``grad_accum=1``: the
 method's before-step hook (DyLoRA's rank, GGPO's perturbation, BA-LoRA's reference pass, SFT's
-gradient window; before session 21 this script skipped it) + forward + causal-LM cross-entropy (+ the method's own loss term, e.g. SORSA's orthonormal regulariser) +
-backward + the method's after-backward hook + global-norm clipping to 1.0 + AdamW step +
-``zero_grad`` + the method's after-step hook, on the same --batch × --seqlen Austen-train windows every time. Adapters: r=16, alpha=32,
-all 7 projections of every block, the method's default parameters (the quality grid's settings);
-data-driven methods (corda, eva) are calibrated on --calib-n Austen-train windows (seed 0).
+gradient window; before session 21 this script skipped it) + forward + causal-LM cross-entropy
+(+ the method's own loss term, e.g. SORSA's orthonormal regulariser) + backward + the method's
+after-backward hook + global-norm clipping to 1.0 + AdamW step + ``zero_grad`` + the method's
+after-step hook, on the same --batch × --seqlen Austen-train windows every time. Adapters: r=16,
+alpha=32, all 7 projections of every block, the method's default parameters (the quality grid's
+settings); data-driven methods (corda, eva) are calibrated on --calib-n Austen-train windows (seed 0).
 Set-up (SVD, calibration) is not timed. ``full`` trains every parameter.
 
 Reported per method: trainable parameters, median seconds per step over --steps timed steps (after

@@ -98,7 +98,8 @@ LR = {
     "vera": 4e-3,      # no reference code; the paper's table not read here; vectors only
     "nola": 1e-3,      # UCDvision/NOLA llama/scripts/finetune_llama2_alpaca_7b_nola.sh
     "lora_xs": 4e-3,   # MohammadrezaBanaei/LoRA-XS scripts/run_instruction_tuning.sh (Mistral-7B)
-    "lora_sb": 1e-4,   # RaghavSinghal10/lora-sb train_arithmetic.py's default (run_it.sh, Mistral-7B)
+    "lora_sb": 1e-4,   # RaghavSinghal10/lora-sb train_arithmetic.py's default (run_it.sh,
+                       # Mistral-7B)
     "loldu": 4e-3,     # SKDDJ/LoLDU has no training scripts; a diagonal only
     "miss": 2e-5,      # JL-er/MiSS scripts/math/run_miss.sh (Qwen3-4B; PEFT's example too)
     "adalora": 5e-4,   # QingruZhang/AdaLoRA NLG_QA/scripts/run_bart_xsum.sh (BART-large)
